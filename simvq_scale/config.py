@@ -1,0 +1,227 @@
+"""Typed run configuration: dataclasses <- YAML file <- dotted command-line overrides.
+
+Strict by design: an unknown key names itself, its file and the closest valid key;
+a value of the wrong type or an impossible value names the value. The resolved
+config dumps to YAML and loads back to an equal object (lingua-style).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot describe a valid run."""
+
+
+@dataclass
+class ShardConfig:
+    # Which ranks split the frozen codebook between them: "none" (replicated),
+    # "world", "node" (ranks of one host), or an integer group size dividing the world.
+    group: str = "none"
+
+
+@dataclass
+class QuantizerConfig:
+    kind: str = "simvq"  # simvq | vq | vq_ema | fc | fsq | lfq | lc
+    codebook_size: int = 65536
+    dim: int = 128
+    beta: float = 0.25  # weight of |z - sg(q)|^2 (the encoder's commitment)
+    seed: int = 0  # seeds the frozen Gaussian codebook C
+    bias: bool = True  # bias of the SimVQ projection W, on as in the reference code
+    train_codebook: bool = False  # SimVQ ablation (paper Table 4): C trainable too
+    search_chunk: int = 8192  # codes per block of the chunked exact search
+    search_impl: str = "auto"  # auto | torch | triton
+    ema_decay: float = 0.99  # vq_ema
+    ema_epsilon: float = 1e-5  # vq_ema Laplace smoothing
+    fc_dim: int = 8  # fc: low-dimensional code space
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8, 5, 5, 5])
+    lfq_entropy_weight: float = 0.1
+    lfq_diversity_gamma: float = 1.0
+    lc_features: str = ""  # lc: .npy of frozen code features (K x feature_dim)
+    usage_window_tokens: int = 1_048_576  # tokens over which utilization is counted
+    shard: ShardConfig = field(default_factory=ShardConfig)
+
+
+@dataclass
+class DataConfig:
+    modality: str = "image"  # image | audio
+    train_shards: str = ""  # brace pattern of .tar shards, e.g. "data/imagenet-train-{000000..001023}.tar"
+    val_shards: str = ""
+    image_size: int = 128
+    random_resize: bool = False  # random-resized crop instead of a plain random crop
+    sample_rate: int = 24000
+    segment_seconds: float = 1.0
+    random_gain_db: float = 0.0  # 0 disables; else uniform gain in [-x, +x] dB
+    shuffle_buffer: int = 2000
+    workers: int = 4
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    global_batch: int = 256
+    micro_batch: int = 0  # per-rank micro-batch; 0 = global_batch / world_size (no accumulation)
+    steps: int = 100_000
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    nan_policy: str = "skip"  # skip | stop
+
+
+@dataclass
+class Config:
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, world_size: int = 1) -> "Config":
+        """Check values that types cannot; returns self so calls chain."""
+        q, t = self.quantizer, self.train
+        _check(q.kind in QUANTIZER_KINDS, f"quantizer.kind={q.kind!r} is not one of {sorted(QUANTIZER_KINDS)}")
+        _check(q.codebook_size > 0, f"quantizer.codebook_size={q.codebook_size} must be > 0")
+        _check(q.dim > 0, f"quantizer.dim={q.dim} must be > 0")
+        _check(q.search_chunk > 0, f"quantizer.search_chunk={q.search_chunk} must be > 0")
+        _check(q.search_impl in ("auto", "torch", "triton"), f"quantizer.search_impl={q.search_impl!r} is not auto|torch|triton")
+        _check(0.0 < q.ema_decay < 1.0, f"quantizer.ema_decay={q.ema_decay} must be in (0, 1)")
+        _check(all(level >= 2 for level in q.fsq_levels), f"quantizer.fsq_levels={q.fsq_levels} needs every level >= 2")
+        _check(q.usage_window_tokens > 0, f"quantizer.usage_window_tokens={q.usage_window_tokens} must be > 0")
+        _check(self.data.modality in ("image", "audio"), f"data.modality={self.data.modality!r} is not image|audio")
+        _check(t.global_batch > 0, f"train.global_batch={t.global_batch} must be > 0")
+        _check(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
+        _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision={t.precision!r} is not auto|bf16|fp32")
+        _check(t.nan_policy in ("skip", "stop"), f"train.nan_policy={t.nan_policy!r} is not skip|stop")
+        shard_group_size(q.shard.group, world_size)
+        micro_batch_and_accumulation(t.global_batch, t.micro_batch, world_size)
+        return self
+
+
+QUANTIZER_KINDS = frozenset({"simvq", "vq", "vq_ema", "fc", "fsq", "lfq", "lc"})
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def shard_group_size(group: str, world_size: int, local_world_size: int | None = None) -> int:
+    """Ranks per codebook-shard group for `quantizer.shard.group` (1 = replicated)."""
+    if group == "none":
+        return 1
+    if group == "world":
+        return world_size
+    if group == "node":
+        return local_world_size or world_size
+    try:
+        size = int(group)
+    except ValueError:
+        raise ConfigError(f"quantizer.shard.group={group!r} is not none|world|node|<integer>") from None
+    _check(size > 0 and world_size % size == 0,
+           f"quantizer.shard.group={size} must be a positive divisor of the world size {world_size}")
+    return size
+
+
+def micro_batch_and_accumulation(global_batch: int, micro_batch: int, world_size: int) -> tuple[int, int]:
+    """(per-rank micro-batch, gradient-accumulation steps) that make up `global_batch`."""
+    _check(global_batch % world_size == 0,
+           f"train.global_batch={global_batch} does not divide by the world size {world_size}")
+    per_rank = global_batch // world_size
+    micro = micro_batch or per_rank
+    _check(micro > 0 and per_rank % micro == 0,
+           f"train.micro_batch={micro_batch} does not divide the per-rank batch {per_rank} "
+           f"(global_batch {global_batch} / world size {world_size})")
+    return micro, per_rank // micro
+
+
+# ---------------------------------------------------------------- loading and dumping
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file at `path` <- `overrides` ("a.b=value" strings)."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return from_dict(Config, raw, source)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    node = raw
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def from_dict(cls: type, raw: dict[str, Any], source: str = "<dict>", prefix: str = "") -> Any:
+    """Build dataclass `cls` from nested dicts, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{source}: unknown config key {dotted!r}{hint}")
+        kwargs[key] = _coerce(hints[key], value, source, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, source: str, dotted: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {dotted} must be a section (mapping), got {value!r}")
+        return from_dict(tp, value, source, dotted + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            if option is type(None) and value is None:
+                return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(inner[0], value, source, dotted)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {dotted} must be a list, got {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_coerce(item_type, v, source, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. shard.group: 8
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {dotted}={value!r} should be {tp.__name__}, got {type(value).__name__}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

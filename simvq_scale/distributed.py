@@ -1,0 +1,102 @@
+"""Process-group set-up under deepspeed, torchrun or plain python, and rank helpers.
+
+Plain `python launch/train.py` sets RANK nowhere: we then make a one-process
+rendezvous on a free local port ourselves, so every code path is the distributed
+one with world size 1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from simvq_scale.config import shard_group_size
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_launcher_env() -> None:
+    """Fill the torch.distributed env:// variables for a single process when no launcher did."""
+    if "RANK" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_s: float = 1800.0, use_deepspeed: bool = True) -> torch.device:
+    """Join (or create) the default process group: NCCL on GPUs, gloo on CPUs. Returns this rank's device."""
+    ensure_launcher_env()
+    device = device_for_rank()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if dist.is_initialized():
+        return device
+    if use_deepspeed:
+        import deepspeed
+
+        if device.type == "cpu":
+            # DeepSpeed compiles a shared-memory collective op for CPU on first init (~75 s);
+            # gloo is all we need, so skip the build.
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size())))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def codebook_shard_group(group: str) -> tuple[dist.ProcessGroup | None, int, int]:
+    """(process group, my index in it, its size) for `quantizer.shard.group`; (None, 0, 1) when replicated.
+
+    Every rank must call this, in the same order: new_group is itself a collective.
+    """
+    size = shard_group_size(group, world_size(), local_world_size())
+    if size == 1:
+        return None, 0, 1
+    if size == world_size():
+        return dist.group.WORLD, rank(), size
+    mine = None
+    for first in range(0, world_size(), size):
+        ranks = list(range(first, first + size))
+        pg = dist.new_group(ranks)
+        if rank() in ranks:
+            mine = pg
+    return mine, rank() % size, size

@@ -1,0 +1,39 @@
+"""The one interface every quantizer implements, so one trainer can compare them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class QuantizerOutput:
+    z_q: torch.Tensor  # same shape as the input, carrying the straight-through gradient
+    indices: torch.Tensor  # int64, the input's shape without the last (feature) dimension
+    loss: torch.Tensor  # scalar: commitment/codebook (+ entropy) terms, already weighted
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for logging
+
+
+class Quantizer(nn.Module):
+    """forward(z: (..., dim)) -> QuantizerOutput; decode_indices(indices) -> (..., dim)."""
+
+    codebook_size: int
+    dim: int
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Forward value q, gradient of the identity to z."""
+    return z + (q - z).detach()
+
+
+def commitment_loss(z: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta * |z - sg(q)|^2 (moves the encoder) + |sg(z) - q|^2 (moves the codes)."""
+    return beta * (z - q.detach()).pow(2).mean() + (z.detach() - q).pow(2).mean()

@@ -67,6 +67,55 @@ class DataConfig:
 
 
 @dataclass
+class ImageModelConfig:
+    # The VQGAN-style conv network of the SimVQ code: 128 px -> 16x16 tokens with 3 downsamples.
+    channels: int = 128
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4])
+    num_res_blocks: int = 2
+    in_channels: int = 3
+
+
+@dataclass
+class DiscriminatorConfig:
+    layers: int = 3  # PatchGAN depth
+    channels: int = 64
+
+
+@dataclass
+class ModelConfig:
+    image: ImageModelConfig = field(default_factory=ImageModelConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    ema_decay: float = 0.999  # EMA of the generator weights, used for evaluation and export
+    channels_last: bool = True  # NHWC convolutions on GPU
+    compile: bool = False  # torch.compile the generator and discriminator
+
+
+@dataclass
+class LossConfig:
+    recon_weight: float = 1.0  # L1 in pixel space
+    perceptual_weight: float = 1.0  # LPIPS (VGG16); needs the converted weights file
+    perceptual_weights: str = ""  # path of the LPIPS-VGG file; "" = tools/fetch_metric_weights.py default
+    commit_weight: float = 1.0  # multiplies the quantizer's loss
+    adv_weight: float = 0.1  # generator's adversarial weight (fixed, as the SimVQ config)
+    adaptive_adv_weight: bool = False  # taming's adaptive weight instead of the fixed one
+    disc_start: int = 0  # step at which the adversarial terms switch on
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+    disc_lr: float = 0.0  # 0 = same as lr
+    warmup_steps: int = 1000
+    schedule: str = "constant"  # constant | cosine (after warm-up)
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0
+    zero_stage_g: int = 2
+    zero_stage_d: int = 1
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
     global_batch: int = 256
@@ -84,6 +133,9 @@ class TrainConfig:
 class Config:
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self, world_size: int = 1) -> "Config":

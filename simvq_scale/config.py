@@ -264,6 +264,11 @@ def _coerce(tp: Any, value: Any, source: str, dotted: str) -> Any:
         return [_coerce(item_type, v, source, f"{dotted}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. shard.group: 8
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

@@ -1,0 +1,81 @@
+"""Where figures go: TensorBoard + metrics.jsonl + console on rank 0, nothing elsewhere.
+
+Callers reduce across ranks first (every rank takes part in the collective) and
+then hand the finished numbers to the logger; non-logging ranks hold a NoOpLogger
+so the training code never branches on the rank around a log call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+class NoOpLogger:
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def histogram(self, step: int, tag: str, values: torch.Tensor) -> None:
+        pass
+
+    def image(self, step: int, tag: str, image: torch.Tensor) -> None:
+        pass
+
+    def audio(self, step: int, tag: str, waveform: torch.Tensor, sample_rate: int) -> None:
+        pass
+
+    def console(self, line: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunLogger(NoOpLogger):
+    """TensorBoard events under out_dir/tb, one JSON line per log step in out_dir/metrics.jsonl."""
+
+    def __init__(self, out_dir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        out = Path(out_dir)
+        self.writer = SummaryWriter(log_dir=str(out / "tb"))
+        self.jsonl = (out / "metrics.jsonl").open("a", buffering=1)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        record = {"step": step, "time": time.time(), **{k: _json_number(v) for k, v in values.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+
+    def histogram(self, step: int, tag: str, values: torch.Tensor) -> None:
+        self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+
+    def image(self, step: int, tag: str, image: torch.Tensor) -> None:
+        self.writer.add_image(tag, image.detach().float().cpu().clamp(0, 1), step)
+
+    def audio(self, step: int, tag: str, waveform: torch.Tensor, sample_rate: int) -> None:
+        self.writer.add_audio(tag, waveform.detach().float().cpu().clamp(-1, 1), step, sample_rate=sample_rate)
+
+    def console(self, line: str) -> None:
+        print(line, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+        self.jsonl.close()
+
+
+def _json_number(value: float) -> float | str:
+    return value if math.isfinite(value) else str(value)  # JSON has no NaN/inf
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    h, rem = divmod(int(seconds), 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"

@@ -1,0 +1,401 @@
+"""The Trainer: two DeepSpeed engines (generator, discriminator), the GAN step, the loop.
+
+One step, per micro-batch:
+  1. D frozen (requires_grad False); x_hat, q = G(x); G loss (recon/perceptual/commit
+     + adversarial through frozen D); one backward and step of the G engine.
+  2. D unfrozen; hinge loss on (x, sg(x_hat)); one backward and step of the D engine
+     (from loss.disc_start on; before it the D engine is left alone on every rank).
+After each optimizer step the EMA generator follows G. Figures are summed on the
+device and reduced across ranks only at log steps (one collective, one host sync).
+
+Mixed precision is torch.autocast(bf16) around the forward passes with DeepSpeed in
+fp32: DeepSpeed's own bf16 mode casts every buffer to bf16, and the frozen codebook
+must stay fp32 for an exact search.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from simvq_scale import distributed as D
+from simvq_scale.config import Config, dump_config, micro_batch_and_accumulation, to_dict
+from simvq_scale.data import build_eval_loader, build_train_loader
+from simvq_scale.models.discriminators import build_discriminator
+from simvq_scale.quant.factory import build_quantizer
+from simvq_scale.quant.stats import CodebookUsage, weight_spectrum
+from simvq_scale.train.checkpoint import Checkpointer
+from simvq_scale.train.logging import NoOpLogger, RunLogger, format_eta
+
+EXPORT_NAME = "generator_ema.pt"
+
+
+def build_generator(cfg: Config, quantizer: nn.Module) -> nn.Module:
+    if cfg.data.modality == "image":
+        from simvq_scale.models.image import build_image_autoencoder
+
+        return build_image_autoencoder(cfg.model.image, quantizer)
+    raise ValueError(f"data.modality={cfg.data.modality!r} has no generator yet")
+
+
+def build_objective(cfg: Config) -> nn.Module:
+    if cfg.data.modality == "image":
+        from simvq_scale.losses.gan_image import ImageGANObjective
+
+        return ImageGANObjective(cfg.loss)
+    raise ValueError(f"data.modality={cfg.data.modality!r} has no objective yet")
+
+
+def sample_shape(cfg: Config) -> tuple[int, ...]:
+    """Shape of one training sample (without the batch dimension)."""
+    if cfg.data.modality == "image":
+        return (cfg.model.image.in_channels, cfg.data.image_size, cfg.data.image_size)
+    return (round(cfg.data.segment_seconds * cfg.data.sample_rate),)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def lr_lambda(cfg: Config):
+    """Linear warm-up, then constant or cosine down to min_lr_ratio; a factor of the base lr."""
+    o, steps = cfg.optim, cfg.train.steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "cosine":
+            progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+class Trainer:
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.world, self.rank = D.world_size(), D.rank()
+        self.micro_batch, self.accumulation = micro_batch_and_accumulation(
+            cfg.train.global_batch, cfg.train.micro_batch, self.world)
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.quantizer = build_quantizer(cfg.quantizer)
+        self.generator = build_generator(cfg, self.quantizer).to(device)
+        self.discriminator = build_discriminator(cfg).to(device)
+        self.tokens_per_sample = self._tokens_per_sample()
+
+    @torch.no_grad()
+    def _tokens_per_sample(self) -> int:
+        # the encoder alone, on the meta device: shapes without compute or collectives
+        encoder = copy.deepcopy(self.generator.encoder).to("meta")
+        z = encoder(torch.empty(1, *sample_shape(self.cfg), device="meta"))
+        return math.prod(z.shape[2:])
+
+    def describe(self) -> dict:
+        """The `--dry-run` summary."""
+        return {
+            "parameters_generator": count_parameters(self.generator),
+            "parameters_discriminator": count_parameters(self.discriminator),
+            "codebook_size": self.quantizer.codebook_size,
+            "tokens_per_sample": self.tokens_per_sample,
+            "global_batch": self.cfg.train.global_batch,
+            "micro_batch": self.micro_batch,
+            "gradient_accumulation": self.accumulation,
+            "world_size": self.world,
+            "precision": "bf16" if self.bf16 else "fp32",
+            "device": self.device.type,
+        }
+
+    # ------------------------------------------------------------------ set-up
+
+    def _engine(self, model: nn.Module, lr: float, zero_stage: int):
+        import deepspeed
+
+        o = self.cfg.optim
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                      betas=tuple(o.betas), weight_decay=o.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": self.micro_batch,
+            "gradient_accumulation_steps": self.accumulation,
+            "train_batch_size": self.cfg.train.global_batch,
+            "gradient_clipping": o.grad_clip,
+            "zero_optimization": {"stage": zero_stage},
+            "zero_allow_untested_optimizer": True,  # the client AdamW: no FusedAdam compile
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+        return engine
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        out = Path(cfg.train.out_dir)
+        if D.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, out / "config.yaml")
+        dist.barrier()
+        if self.device.type == "cuda" and cfg.model.channels_last and cfg.data.modality == "image":
+            self.generator.to(memory_format=torch.channels_last)
+            self.discriminator.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
+        self.ema_buffers = _share_frozen_buffers(self.ema, self.generator)
+        self.objective = build_objective(cfg).to(self.device)
+        self.engine_g = self._engine(self.generator, cfg.optim.lr, cfg.optim.zero_stage_g)
+        self.engine_d = self._engine(self.discriminator, cfg.optim.disc_lr or cfg.optim.lr, cfg.optim.zero_stage_d)
+        if cfg.model.compile:
+            self.engine_g.compile()
+            self.engine_d.compile()
+        self.usage = CodebookUsage(self.quantizer.codebook_size, cfg.quantizer.usage_window_tokens)
+        self.checkpointer = Checkpointer(out, cfg.train.keep_last)
+        self.logger = RunLogger(out) if D.is_main() else NoOpLogger()
+        # the non-finite guard: under nan_policy=skip a step whose loss is not finite contributes zero
+        # gradients (decided on the device, no host sync); its count is read at log steps
+        self.finite_g = torch.ones((), dtype=torch.bool, device=self.device)
+        self.finite_d = torch.ones((), dtype=torch.bool, device=self.device)
+        self.nonfinite = torch.zeros((), dtype=torch.long, device=self.device)
+        if cfg.train.nan_policy == "skip":
+            _guard_gradients(self.generator, self.finite_g)
+            _guard_gradients(self.discriminator, self.finite_d)
+        self.step, self.samples_seen = 0, 0
+        self.stream_start = 0  # step at which the current data stream was seeded (its resume counter)
+
+    # ------------------------------------------------------------------ state
+
+    def _client_state(self) -> dict:
+        return {"step": self.step, "samples_seen": self.samples_seen, "stream_start": self.stream_start,
+                "world_size": self.world, "ema": self.ema.state_dict(), "config": to_dict(self.cfg)}
+
+    def _restore(self, resume: str | None) -> None:
+        found = self.checkpointer.resolve(resume)
+        if found is None:
+            if resume and resume != "auto":
+                raise FileNotFoundError(f"--resume {resume}: nothing to resume")
+            return
+        root, tag = found
+        client, rank_state = Checkpointer.load(root, tag, self.engine_g, self.engine_d)
+        self.step, self.samples_seen = client["step"], client["samples_seen"]
+        self.stream_start = client["stream_start"]
+        self.ema.load_state_dict(client["ema"])
+        if rank_state is not None and client["world_size"] == self.world:
+            self.usage.load_state_dict(rank_state["usage"])
+        self.logger.console(f"resumed from {root}/*/{tag} at step {self.step} ({self.samples_seen} samples seen)")
+
+    def _save(self) -> None:
+        self._check_finite()
+        self.checkpointer.save(self.step, self.engine_g, self.engine_d, self._client_state(),
+                               {"usage": self.usage.state_dict()})
+        if D.is_main():
+            self.export(Path(self.cfg.train.out_dir) / EXPORT_NAME)
+        # the data stream restarts from a seed made of this step, so a resumed run reads
+        # exactly what an uninterrupted one reads after this checkpoint
+        self._start_stream(self.step)
+
+    def export(self, path: Path) -> None:
+        """The EMA generator in one file, loadable without DeepSpeed (simvq_scale.inference)."""
+        tmp = path.with_suffix(".tmp")
+        torch.save({"config": to_dict(self.cfg), "step": self.step, "generator": self.ema.state_dict()}, tmp)
+        tmp.replace(path)
+
+    def _start_stream(self, start_step: int) -> None:
+        self.stream_start = start_step
+        loader = build_train_loader(self.cfg.data, self.micro_batch, self.rank, self.world,
+                                    resume_counter=start_step)
+        self.loader = loader
+        self.batches = iter(loader)
+
+    # ------------------------------------------------------------------ the step
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _micro_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        adversarial = self.step >= self.cfg.loss.disc_start
+        disc = self.engine_d.module
+        disc.requires_grad_(False)
+        with self._autocast():
+            x_hat, quant = self.engine_g(x)
+            loss_g, parts = self.objective.generator_loss(
+                x, x_hat, quant, disc if adversarial else None, self.engine_g.module.last_layer)
+        self.finite_g.copy_(torch.isfinite(loss_g))
+        self.engine_g.backward(loss_g)
+        self.engine_g.step()
+        disc.requires_grad_(True)
+        self.nonfinite += (~self.finite_g).long()
+        if adversarial:
+            with self._autocast():
+                loss_d, d_parts = self.objective.discriminator_loss(self.engine_d, x, x_hat.detach())
+            self.finite_d.copy_(torch.isfinite(loss_d))
+            self.engine_d.backward(loss_d)
+            self.engine_d.step()
+            self.nonfinite += (~self.finite_d).long()
+            parts.update(d_parts)
+        self.usage.update(quant.indices)
+        return parts
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.cfg.model.ema_decay
+        ema_params = [p for p in self.ema.parameters()]
+        params = [p.detach() for p in self.engine_g.module.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for ema_buffer, buffer in self.ema_buffers:
+            ema_buffer.copy_(buffer)
+
+    def _check_finite(self) -> int:
+        """Collective: the number of non-finite losses on any rank since the start; stops under nan_policy=stop."""
+        count = self.nonfinite.clone()
+        dist.all_reduce(count)
+        count = int(count)
+        if count and self.cfg.train.nan_policy == "stop":
+            raise FloatingPointError(
+                f"{count} non-finite loss(es) before step {self.step} and train.nan_policy=stop: stopping without "
+                f"a checkpoint; `--resume auto` restarts from the last good one")
+        return count
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, resume: str | None = None) -> None:
+        self._setup()
+        self._restore(resume)
+        self._start_stream(self.stream_start)
+        self.engine_g.train()
+        self.engine_d.train()
+        sums: dict[str, torch.Tensor] = {}
+        micro_steps, data_wait, interval_start = 0, 0.0, time.perf_counter()
+        run_start, first_step = time.perf_counter(), self.step
+        steps = self.cfg.train.steps
+        while self.step < steps:
+            for _ in range(self.accumulation):
+                t0 = time.perf_counter()
+                batch = next(self.batches)
+                data_wait += time.perf_counter() - t0
+                x = batch["x"].to(self.device, non_blocking=True)
+                if x.dim() == 4 and self.device.type == "cuda" and self.cfg.model.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                for tag, value in self._micro_step(x).items():
+                    sums[tag] = sums[tag] + value if tag in sums else value.clone()
+                micro_steps += 1
+            self.step += 1
+            self.samples_seen += self.cfg.train.global_batch
+            self._update_ema()
+            if self.step % self.cfg.train.log_every == 0 or self.step == steps:
+                elapsed = time.perf_counter() - interval_start
+                self._log(sums, micro_steps, elapsed, data_wait, run_start, first_step)
+                sums, micro_steps, data_wait, interval_start = {}, 0, 0.0, time.perf_counter()
+            if self.step % self.cfg.train.ckpt_every == 0 or self.step == steps:
+                self._save()
+        self.logger.console(f"done: step {self.step}, run folder {self.cfg.train.out_dir}")
+        self.logger.close()
+
+    def _log(self, sums, micro_steps, elapsed, data_wait, run_start, first_step) -> None:
+        tags = sorted(sums)
+        means = (torch.stack([sums[t] for t in tags]) / max(1, micro_steps) if tags
+                 else torch.zeros(0, device=self.device))
+        dist.all_reduce(means)  # sum over ranks ...
+        values = {t: v / self.world for t, v in zip(tags, means.tolist())}  # ... then the mean
+        nonfinite = self._check_finite()
+        usage = self.usage.reduce()
+        values.update({
+            "codebook/utilization": usage["utilization"],
+            "codebook/perplexity": usage["perplexity"],
+            "codebook/dead_codes": usage["dead_codes"],
+            "codebook/entropy_normalized": usage["entropy_normalized"],
+            "codebook/top1pct_share": usage["top1pct_share"],
+            "opt/lr_g": self.engine_g.get_lr()[0],
+            "opt/grad_norm_g": float(self.engine_g.get_global_grad_norm() or 0.0),
+            "train/nonfinite_losses": float(nonfinite),
+        })
+        steps_done = max(1, micro_steps // self.accumulation)
+        samples = steps_done * self.cfg.train.global_batch
+        values.update({
+            "perf/samples_per_s": samples / elapsed,
+            "perf/tokens_per_s": samples * self.tokens_per_sample / elapsed,
+            "perf/data_wait_frac": min(1.0, data_wait / elapsed),
+            "perf/max_mem_gib": _max_memory_gib(self.device),
+        })
+        spectrum = None
+        proj = getattr(self.quantizer, "proj", None)
+        if isinstance(proj, nn.Linear):
+            spectrum = weight_spectrum(proj.weight)
+            values.update({"W/rank": float(spectrum["numerical_rank"]), "W/fro_norm": spectrum["frobenius_norm"],
+                           "W/effective_rank": spectrum["effective_rank"]})
+        skipped = getattr(self.loader, "skipped", None)
+        if callable(skipped):
+            values["data/skipped_samples"] = float(skipped())
+        self.logger.scalars(self.step, values)
+        if spectrum is not None:
+            self.logger.histogram(self.step, "W/singular_values", spectrum["singular_values"])
+        self._log_reconstructions()
+        total = time.perf_counter() - run_start
+        eta = total / max(1, self.step - first_step) * (self.cfg.train.steps - self.step)
+        self.logger.console(
+            f"step {self.step}/{self.cfg.train.steps} "
+            f"g {values.get('loss/total_g', float('nan')):.4f} recon {values.get('loss/recon', float('nan')):.4f} "
+            f"d {values.get('loss/d', 0.0):.4f} util {usage['utilization']:.4f} ppl {usage['perplexity']:.1f} "
+            f"| {values['perf/samples_per_s']:.1f} samples/s data-wait {values['perf/data_wait_frac']:.0%} "
+            f"| eta {format_eta(eta)}")
+
+    @torch.no_grad()
+    def _log_reconstructions(self) -> None:
+        """EMA reconstructions of a fixed batch: every rank runs the model (the quantizer may be collective)."""
+        if not hasattr(self, "recon_batch"):
+            self.recon_batch = self._fixed_batch()
+        x = self.recon_batch
+        with self._autocast():
+            x_hat, _ = self.ema(x)
+        if x.dim() == 4:
+            import torchvision
+
+            n = min(8, x.shape[0])
+            grid = torchvision.utils.make_grid(torch.cat([x[:n], x_hat[:n].float()]).add(1).div(2), nrow=n)
+            self.logger.image(self.step, "recon/val", grid)
+
+    def _fixed_batch(self) -> torch.Tensor:
+        data = self.cfg.data
+        if data.val_shards:
+            loader = build_eval_loader(data, data.val_shards, min(8, self.micro_batch), self.rank, self.world)
+            batch = next(iter(loader))
+        else:
+            batch = next(self.batches)
+        return batch["x"][:8].to(self.device)
+
+
+def _share_frozen_buffers(ema: nn.Module, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Point the EMA copy's non-persistent buffers (the frozen codebook) at the model's own tensors,
+    so they are held once; return the (ema, model) pairs of the persistent buffers, which it follows."""
+    pairs = []
+    model_modules = dict(model.named_modules())
+    for name, ema_module in ema.named_modules():
+        source = model_modules[name]
+        for buffer_name, buffer in source._buffers.items():
+            if buffer is None:
+                continue
+            if buffer_name in source._non_persistent_buffers_set:
+                ema_module._buffers[buffer_name] = buffer
+            else:
+                pairs.append((ema_module._buffers[buffer_name], buffer))
+    return pairs
+
+
+def _guard_gradients(module: nn.Module, finite: torch.Tensor) -> None:
+    """Zero a parameter's gradient on the device when `finite` is False (before any reduction)."""
+    for p in module.parameters():
+        if p.requires_grad:
+            p.register_hook(lambda grad, ok=finite: torch.where(ok, grad, torch.zeros_like(grad)))
+
+
+def _max_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+

@@ -1,0 +1,125 @@
+"""Raw shard sample -> training tensor, for images and audio, in training (random) or evaluation (fixed) mode.
+
+Images: (3, S, S) float32 in [-1, 1]. Training takes a random S x S crop after scaling the
+shorter side to S (or, with random_resize, a random-resized crop of 25-100% of the area and
+aspect 3/4-4/3); evaluation scales the shorter side to S and takes the center crop. JPEGs are
+decoded at a reduced DCT scale when that still leaves the shorter side >= S.
+
+Audio: (T,) float32 mono, T = round(segment_seconds * sample_rate). Only the needed frames
+are read (FLAC seeks); training picks a random start, evaluation starts at 0; a short clip is
+zero-padded at the end; training may apply a random gain of +-random_gain_db.
+
+Anything that cannot produce a tensor raises BadSample, whose `reason` names the counter.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+AUDIO_FIELDS = ("flac", "wav", "ogg", "mp3")
+RESIZED_CROP_SCALE = (0.25, 1.0)  # fraction of the image area a random-resized crop covers
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+class BadSample(Exception):
+    """A sample that yields no tensor; `reason` is the name it is counted under."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _field(sample: dict, names: tuple[str, ...]) -> bytes:
+    if "__damaged__" in sample:
+        raise BadSample("truncated_sample", sample["__damaged__"])
+    for name in names:
+        if name in sample:
+            return sample[name]
+    raise BadSample("missing_field", f"{sample.get('__key__')} has none of {names}")
+
+
+def _random_resized_box(width: int, height: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    area = width * height
+    log_ratio = (math.log(RESIZED_CROP_RATIO[0]), math.log(RESIZED_CROP_RATIO[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*RESIZED_CROP_SCALE)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        w = math.sqrt(target * ratio)
+        h = math.sqrt(target / ratio)
+        if w <= width and h <= height:
+            left = rng.uniform(0, width - w)
+            top = rng.uniform(0, height - h)
+            return left, top, left + w, top + h
+    side = min(width, height)  # no fitting box drawn: fall back to the central square
+    return (width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2
+
+
+def decode_image(sample: dict, size: int, train: bool, random_resize: bool,
+                 rng: np.random.Generator) -> torch.Tensor:
+    data = _field(sample, IMAGE_FIELDS)
+    try:
+        image = Image.open(io.BytesIO(data))
+        if not (train and random_resize):
+            image.draft("RGB", (size, size))  # JPEG only: decode at 1/2, 1/4, 1/8 while both sides stay >= size
+        image = image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise BadSample("undecodable_image", f"{sample.get('__key__')}: {e}") from None
+    width, height = image.size
+    if train and random_resize:
+        box = _random_resized_box(width, height, rng)
+    else:
+        scale = min(width, height) / size  # source pixels per output pixel
+        crop_w, crop_h = size * scale, size * scale
+        if train:
+            left = rng.integers(0, round((width - crop_w) / scale) + 1) * scale
+            top = rng.integers(0, round((height - crop_h) / scale) + 1) * scale
+        else:
+            left, top = (width - crop_w) / 2, (height - crop_h) / 2
+        box = (left, top, min(width, left + crop_w), min(height, top + crop_h))
+    image = image.resize((size, size), Image.BICUBIC, box=box)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return pixels.float().div_(127.5).sub_(1.0)
+
+
+def to_mono_at_rate(audio: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+    """(frames, channels) or (frames,) float array -> (frames,) float32 at `target_rate`."""
+    mono = audio.mean(axis=1, dtype=np.float32) if audio.ndim == 2 else audio.astype(np.float32)
+    if rate != target_rate:
+        mono = AF.resample(torch.from_numpy(np.ascontiguousarray(mono)), rate, target_rate).numpy()
+    return mono
+
+
+def decode_audio(sample: dict, sample_rate: int, segment_seconds: float, train: bool, gain_db: float,
+                 rng: np.random.Generator) -> torch.Tensor:
+    data = _field(sample, AUDIO_FIELDS)
+    length = round(segment_seconds * sample_rate)
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate, frames = f.samplerate, f.frames
+            if frames <= 0:
+                raise BadSample("empty_audio", str(sample.get("__key__")))
+            source_length = math.ceil(length * rate / sample_rate)
+            start = int(rng.integers(0, max(frames - source_length, 0) + 1)) if train else 0
+            if start:
+                f.seek(start)
+            audio = f.read(source_length, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise BadSample("undecodable_audio", f"{sample.get('__key__')}: {e}") from None
+    if audio.shape[0] == 0:
+        raise BadSample("empty_audio", str(sample.get("__key__")))
+    mono = to_mono_at_rate(audio, rate, sample_rate)[:length]
+    if not np.isfinite(mono).all():
+        raise BadSample("undecodable_audio", f"{sample.get('__key__')}: non-finite samples")
+    wave = torch.zeros(length, dtype=torch.float32)
+    wave[: len(mono)] = torch.from_numpy(np.ascontiguousarray(mono))
+    if train and gain_db > 0:
+        wave.mul_(10.0 ** (rng.uniform(-gain_db, gain_db) / 20.0))
+    return wave

@@ -1,0 +1,306 @@
+"""Fused exact nearest-code search on CUDA: fp16 tensor-core tiles, fp32 re-rank, proven complete.
+
+Same answer as search.nearest_code_torch (distance ||c||^2 - 2 z.c in fp32, exact
+argmin, ties to the lowest index), without ever holding an N x K score matrix:
+
+1. Rounding. Each code row is scaled by a power of two so its largest entry
+   lands in [2^13, 2^14) and rounded to fp16 (entries under fp16's smallest
+   normal are flushed to zero by us, so the hardware's subnormal handling cannot
+   matter); z gets one power-of-two scale for all tokens. Power-of-two scales are
+   exact, so they only move the rounding error into fp16's 11-bit significand.
+   The same pass measures, per row, the real rounding residual
+   r = ||x - fp16(x)/scale|| and h = ||fp16(x)/scale|| in fp32.
+2. Fused kernel. Tiles of BLOCK_M tokens x BLOCK_K codes are multiplied on the
+   tensor cores (fp16 x fp16 -> fp32) and turned into low-precision scores
+   s = ||c||^2 - 2 z.c; each tile is reduced to its per-token minimum, and every
+   token keeps in registers its two best tiles and the third-best tile minimum.
+   Only those five numbers per token (per split of the codebook) reach memory.
+3. Margin. For every code, |s_lowp - s_real| <= b(z) with
+       b(z) = 2 (|z| R_c + r_z H_c + g |zh| H_c) + 2^-23 (Q + 2 P)
+   where R_c = max_k r_k, H_c = max_k h_k (codes), r_z, |zh| the token's own
+   residual and fp16 norm, P = |z| max_k |c_k| (Cauchy-Schwarz bound on |z.c|),
+   Q = max_k |codes_sq_k| and g = d 2^-21 the fp32 accumulation error of the
+   tensor cores (4x the round-to-nearest gamma_d, because the tensor cores
+   truncate while aligning addends). The first term is
+   |z.c - zh.ch| <= |z| |c - ch| + |z - zh| |ch|; the last bounds the rounding of
+   the final add. A true fp32 search (torch's or ours) itself errs by at most
+   e32(z) = 2 d 2^-23 P + 2^-23 (Q + 2 P) (gamma_d doubled again). A code
+   outside the two kept tiles scores at least the third tile minimum m3 in low
+   precision, so if m3 > m1 + 1.25 (2 b + 2 e32) its real distance exceeds the
+   real optimum by more than 2 e32: it can beat no candidate even after fp32
+   rounding. The two kept tiles are then the complete candidate set.
+4. Re-rank. The kept tiles' codes are scored again in plain fp32 (CUDA-core
+   products, the reference formula ||c||^2 - 2 z.c), ties to the lowest index.
+5. Fallback. Tokens whose margin test fails (planted duplicates in three or more
+   tiles, near-ties of more than two tiles) are searched again by the torch
+   chunked fp32 search, so the answer stays exact; search_with_stats reports
+   how many.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from simvq_scale.quant.search import SCORE_BLOCK_ELEMENTS, nearest_code_torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without Triton: search.py keeps the torch path
+    triton = None
+
+# Kept tiles per token (the kernel's register state is written for exactly two).
+KEPT_TILES = 2
+# Largest fp16 exponent target: row maxima land in [2^13, 2^14), far from fp16's 65504.
+FP16_TARGET_EXPONENT = 14
+FP16_SMALLEST_NORMAL = 2.0**-14
+# Tensor-core fp32 accumulation error per unit of sum |products|, per summed term.
+TENSOR_CORE_GAMMA_PER_TERM = 2.0**-21
+FP32_GAMMA_PER_TERM = 2.0**-23
+MARGIN_SAFETY = 1.25
+
+
+def available() -> bool:
+    """Triton importable and a CUDA device present."""
+    return triton is not None and torch.cuda.is_available()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fp16_rows_kernel(x_ptr, scale_ptr, xh_ptr, inv_scale_ptr, resid_ptr, hnorm_ptr, sq_ptr,
+                          rows_total, dim, stride_x, stride_xh,
+                          PER_ROW_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Scale rows by a power of two, round to fp16 (flushing subnormals), measure the residual."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_D)
+        row_ok = rows < rows_total
+        mask = row_ok[:, None] & (cols < dim)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        if PER_ROW_SCALE:
+            amax = tl.max(tl.abs(x), axis=1)
+            biased = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+            # amax < 2^(biased-126); scale 2^(140-biased) puts it under 2^14 (biased exponent 267-biased).
+            scale_exp = tl.minimum(tl.maximum(267 - biased, 1), 253)
+            scale = (scale_exp << 23).to(tl.float32, bitcast=True)
+            inv_scale = ((254 - scale_exp) << 23).to(tl.float32, bitcast=True)
+        else:
+            scale = tl.load(scale_ptr + rows * 0)
+            inv_scale = 1.0 / scale
+        xs = x * scale[:, None]
+        xh = xs.to(tl.float16).to(tl.float32)
+        xh = tl.where(tl.abs(xh) < 6.103515625e-05, 0.0, xh)  # flush fp16 subnormals ourselves
+        tl.store(xh_ptr + rows[:, None] * stride_xh + cols[None, :], xh.to(tl.float16), mask=mask)
+        diff = xs - xh
+        tl.store(inv_scale_ptr + rows, inv_scale, mask=row_ok)
+        tl.store(resid_ptr + rows, tl.sqrt(tl.sum(diff * diff, axis=1)) * inv_scale, mask=row_ok)
+        tl.store(hnorm_ptr + rows, tl.sqrt(tl.sum(xh * xh, axis=1)) * inv_scale, mask=row_ok)
+        tl.store(sq_ptr + rows, tl.sum(x * x, axis=1), mask=row_ok)
+
+    @triton.jit
+    def _best_tiles_kernel(zh_ptr, ch_ptr, codes_sq_ptr, coef_ptr, best_val_ptr, best_tile_ptr,
+                           n_tokens, n_codes, dim, stride_z, stride_c, TILES_PER_SPLIT: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Per token of this block and codes of this split: two best tiles and the third tile minimum.
+
+        Scores are ||c||^2 + coef_k * (zh . ch), coef_k = -2 / (z_scale * c_scale_k), fp16 products
+        accumulated in fp32. Outputs best_val (3, splits, N) and best_tile (2, splits, N).
+        """
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < dim
+        z = tl.load(zh_ptr + rows[:, None] * stride_z + cols[None, :],
+                    mask=(rows < n_tokens)[:, None] & col_ok[None, :], other=0.0)
+        inf = float("inf")
+        v1 = tl.full((BLOCK_M,), inf, tl.float32)
+        v2 = tl.full((BLOCK_M,), inf, tl.float32)
+        v3 = tl.full((BLOCK_M,), inf, tl.float32)
+        t1 = tl.full((BLOCK_M,), -1, tl.int32)
+        t2 = tl.full((BLOCK_M,), -1, tl.int32)
+        tile_begin = pid_s * TILES_PER_SPLIT
+        # The last split may run past the codebook: its extra tiles score +inf and change nothing.
+        for step in range(0, TILES_PER_SPLIT):
+            tile = tile_begin + step
+            codes = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+            code_ok = codes < n_codes
+            c = tl.load(ch_ptr + codes[:, None] * stride_c + cols[None, :],
+                        mask=code_ok[:, None] & col_ok[None, :], other=0.0)
+            sq = tl.load(codes_sq_ptr + codes, mask=code_ok, other=inf)
+            coef = tl.load(coef_ptr + codes, mask=code_ok, other=0.0)
+            scores = tl.dot(z, tl.trans(c)) * coef[None, :] + sq[None, :]
+            tile_min = tl.min(scores, axis=1)
+            below1 = tile_min < v1
+            below2 = tile_min < v2
+            v3 = tl.where(below2, v2, tl.minimum(v3, tile_min))
+            v2 = tl.where(below1, v1, tl.where(below2, tile_min, v2))
+            t2 = tl.where(below1, t1, tl.where(below2, tile, t2))
+            v1 = tl.where(below1, tile_min, v1)
+            t1 = tl.where(below1, tile, t1)
+        row_ok = rows < n_tokens
+        plane = n_splits * n_tokens
+        out = pid_s * n_tokens + rows
+        tl.store(best_val_ptr + out, v1, mask=row_ok)
+        tl.store(best_val_ptr + plane + out, v2, mask=row_ok)
+        tl.store(best_val_ptr + 2 * plane + out, v3, mask=row_ok)
+        tl.store(best_tile_ptr + out, t1, mask=row_ok)
+        tl.store(best_tile_ptr + plane + out, t2, mask=row_ok)
+
+    @triton.jit
+    def _rerank_kernel(z_ptr, c_ptr, codes_sq_ptr, tiles_ptr, dist_ptr, idx_ptr,
+                       n_codes, dim, stride_z, stride_c,
+                       N_KEPT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """fp32 distances of one token to every code of its kept tiles; minimum, ties to the lowest index."""
+        token = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < dim
+        z = tl.load(z_ptr + token * stride_z + cols, mask=col_ok, other=0.0)
+        best = float("inf")
+        best_idx = n_codes
+        for j in tl.static_range(N_KEPT):
+            tile = tl.load(tiles_ptr + token * N_KEPT + j)
+            codes = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+            code_ok = (codes < n_codes) & (tile >= 0)
+            c = tl.load(c_ptr + codes[:, None] * stride_c + cols[None, :],
+                        mask=code_ok[:, None] & col_ok[None, :], other=0.0)
+            dot = tl.sum(c * z[None, :], axis=1)
+            dist = tl.load(codes_sq_ptr + codes, mask=code_ok, other=0.0) - 2.0 * dot
+            dist = tl.where(code_ok, dist, float("inf"))
+            tile_best, tile_arg = tl.min(dist, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            tile_idx = tile * BLOCK_K + tile_arg
+            better = (tile_best < best) | ((tile_best == best) & (tile_idx < best_idx))
+            best = tl.where(better, tile_best, best)
+            best_idx = tl.where(better, tile_idx, best_idx)
+        tl.store(dist_ptr + token, best)
+        tl.store(idx_ptr + token, best_idx.to(tl.int64))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _fp16_rows(x: torch.Tensor, scale: torch.Tensor | None):
+    """(fp16 rows, 1/scale, residual norm, fp16 norm, fp32 squared norm), all in x's units."""
+    rows, dim = x.shape
+    xh = torch.empty((rows, dim), dtype=torch.float16, device=x.device)
+    inv_scale, resid, hnorm, sq = (torch.empty(rows, dtype=torch.float32, device=x.device) for _ in range(4))
+    block_d = max(16, _next_pow2(dim))
+    block_r = max(1, 4096 // block_d)
+    _fp16_rows_kernel[(triton.cdiv(rows, block_r),)](
+        x, x if scale is None else scale, xh, inv_scale, resid, hnorm, sq, rows, dim, x.stride(0), xh.stride(0),
+        PER_ROW_SCALE=scale is None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+    return xh, inv_scale, resid, hnorm, sq
+
+
+def _token_scale(z: torch.Tensor) -> torch.Tensor:
+    """One power of two putting max|z| under 2^14 (a 1-element tensor: no host sync)."""
+    amax = z.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+    _, exponent = torch.frexp(amax)  # amax < 2^exponent
+    return torch.ldexp(torch.ones_like(amax), (FP16_TARGET_EXPONENT - exponent).clamp(-126, 126))
+
+
+def search_margin(z_norm, z_resid, z_hnorm, c_resid_max, c_hnorm_max, c_norm_max, codes_sq_absmax, dim: int):
+    """Per-token low-precision score gap that proves the kept tiles hold every possible answer.
+
+    See the module docstring: 1.25 * (2 b + 2 e32), all terms upper bounds in fp32 units.
+    """
+    p = z_norm * c_norm_max
+    rounding_of_add = FP32_GAMMA_PER_TERM * (codes_sq_absmax + 2.0 * p)
+    lowp = 2.0 * (z_norm * c_resid_max + z_resid * c_hnorm_max
+                  + dim * TENSOR_CORE_GAMMA_PER_TERM * z_hnorm * c_hnorm_max) + rounding_of_add
+    fp32 = 2.0 * dim * FP32_GAMMA_PER_TERM * p + rounding_of_add
+    return MARGIN_SAFETY * (2.0 * lowp + 2.0 * fp32) + 1e-30
+
+
+def _splits_for(n_blocks: int, n_tiles: int, device: torch.device) -> int:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(n_tiles, round(4 * sms / n_blocks)))
+
+
+@torch.no_grad()
+def search_with_stats(z: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tensor | None = None,
+                      block_m: int = 128, block_k: int = 128, num_warps: int = 8, num_stages: int = 3):
+    """(dist fp32 (N,), idx int64 (N,), tokens re-searched by the torch fallback) - see the module docstring."""
+    if z.dim() != 2 or codes.dim() != 2 or z.shape[1] != codes.shape[1]:
+        raise ValueError(f"nearest_code expects z (N, d) and codes (K, d), got {tuple(z.shape)} and {tuple(codes.shape)}")
+    if codes.shape[0] == 0:
+        raise ValueError("nearest_code needs at least one code, got an empty codebook")
+    if codes_sq is not None and codes_sq.shape != (codes.shape[0],):
+        raise ValueError(f"codes_sq must have shape ({codes.shape[0]},), got {tuple(codes_sq.shape)}")
+    n, dim = z.shape
+    n_codes = codes.shape[0]
+    z = z.float().contiguous()
+    codes = codes.float().contiguous()
+    if n == 0:
+        return torch.empty(0, device=z.device), torch.empty(0, dtype=torch.long, device=z.device), 0
+    block_d = max(16, _next_pow2(dim))
+    z_scale = _token_scale(z)
+    zh, _, z_resid, z_hnorm, z_sq = _fp16_rows(z, z_scale)
+    ch, c_inv_scale, c_resid, c_hnorm, c_sq = _fp16_rows(codes, None)
+    codes_sq = c_sq if codes_sq is None else codes_sq.float().contiguous()
+    coef = c_inv_scale * (-2.0 / z_scale)  # powers of two: exact
+
+    n_blocks = triton.cdiv(n, block_m)
+    n_tiles = triton.cdiv(n_codes, block_k)
+    splits = _splits_for(n_blocks, n_tiles, z.device)
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)
+    best_val = torch.empty((3, splits, n), dtype=torch.float32, device=z.device)
+    best_tile = torch.empty((2, splits, n), dtype=torch.int32, device=z.device)
+    _best_tiles_kernel[(n_blocks, splits)](
+        zh, ch, codes_sq, coef, best_val, best_tile, n, n_codes, dim, zh.stride(0), ch.stride(0),
+        TILES_PER_SPLIT=tiles_per_split, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=num_stages)
+    del ch
+
+    # Merge the splits: the two best tiles overall and the third-best tile minimum.
+    pair_vals = best_val[:2].permute(2, 0, 1).reshape(n, 2 * splits)
+    pair_tiles = best_tile.permute(2, 0, 1).reshape(n, 2 * splits)
+    order = torch.argsort(pair_vals, dim=1, stable=True)[:, :3]
+    top_vals = pair_vals.gather(1, order)
+    kept_tiles = pair_tiles.gather(1, order[:, :KEPT_TILES]).contiguous()
+    third = best_val[2].amin(dim=0)
+    if top_vals.shape[1] > KEPT_TILES:
+        third = torch.minimum(third, top_vals[:, KEPT_TILES])
+
+    margin = search_margin(z_sq.sqrt(), z_resid, z_hnorm, c_resid.amax(), c_hnorm.amax(), c_sq.amax().sqrt(),
+                           codes_sq.abs().amax(), dim)
+    complete = third > top_vals[:, 0] + margin
+
+    dist = torch.empty(n, dtype=torch.float32, device=z.device)
+    idx = torch.empty(n, dtype=torch.long, device=z.device)
+    _rerank_kernel[(n,)](z, codes, codes_sq, kept_tiles, dist, idx, n_codes, dim, z.stride(0), codes.stride(0),
+                         N_KEPT=KEPT_TILES, BLOCK_K=block_k, BLOCK_D=block_d,
+                         num_warps=4 if block_k * block_d <= 8192 else 8)
+
+    redo = (~complete).nonzero().squeeze(1)
+    if redo.numel():
+        chunk = max(8192, SCORE_BLOCK_ELEMENTS // redo.numel())
+        redo_dist, redo_idx = nearest_code_torch(z[redo], codes, codes_sq, chunk_size=chunk)
+        dist[redo] = redo_dist
+        idx[redo] = redo_idx
+    return dist, idx, int(redo.numel())
+
+
+def nearest_code_triton(z: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tensor | None = None):
+    """(min distance without ||z||^2 (fp32), argmin index (int64)) for each row of z over codes."""
+    dist, idx, _ = search_with_stats(z, codes, codes_sq)
+    return dist, idx
+
+
+@torch.no_grad()
+def fp64_excess(z: torch.Tensor, codes: torch.Tensor, idx: torch.Tensor, chunk_size: int = 16384):
+    """(excess, tolerance) per token: chosen code's fp64 distance minus the fp64 optimum, and the
+    few-fp32-ulp tolerance an exact fp32 search may differ by. A search is wrong where excess > tolerance."""
+    z64, c64 = z.double(), codes.double()
+    sq64 = c64.pow(2).sum(dim=1)
+    best = torch.full((z.shape[0],), float("inf"), dtype=torch.float64, device=z.device)
+    for c0 in range(0, codes.shape[0], chunk_size):
+        block = sq64[c0 : c0 + chunk_size] - 2.0 * z64 @ c64[c0 : c0 + chunk_size].T
+        best = torch.minimum(best, block.amin(dim=1))
+    chosen = sq64[idx] - 2.0 * (z64 * c64[idx]).sum(dim=1)
+    p = z64.norm(dim=1) * sq64.amax().sqrt()
+    tolerance = 4.0 * ((z.shape[1] + 2) * FP32_GAMMA_PER_TERM * p + FP32_GAMMA_PER_TERM * (sq64.amax() + 2.0 * p))
+    return chosen - best, tolerance

@@ -31,7 +31,9 @@ class Quantizer(nn.Module):
 
 def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Forward value q, gradient of the identity to z."""
-    return z + (q - z).detach()
+    # q + (z - sg(z)) is q bit for bit (z - sg(z) is exactly 0); z + sg(q - z) rounds, so
+    # decode_indices would differ from forward in the last bit. Same gradients either way.
+    return q.detach() + (z - z.detach())
 
 
 def commitment_loss(z: torch.Tensor, q: torch.Tensor, beta: float) -> torch.Tensor:

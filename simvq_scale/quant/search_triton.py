@@ -291,16 +291,24 @@ def nearest_code_triton(z: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Te
 
 
 @torch.no_grad()
-def fp64_excess(z: torch.Tensor, codes: torch.Tensor, idx: torch.Tensor, chunk_size: int = 16384):
-    """(excess, tolerance) per token: chosen code's fp64 distance minus the fp64 optimum, and the
-    few-fp32-ulp tolerance an exact fp32 search may differ by. A search is wrong where excess > tolerance."""
+def fp64_optimum(z: torch.Tensor, codes: torch.Tensor, chunk_size: int = 16384) -> torch.Tensor:
+    """min_k ||c_k||^2 - 2 z.c_k in fp64 for each token (the yardstick for exactness checks)."""
     z64, c64 = z.double(), codes.double()
-    sq64 = c64.pow(2).sum(dim=1)
     best = torch.full((z.shape[0],), float("inf"), dtype=torch.float64, device=z.device)
     for c0 in range(0, codes.shape[0], chunk_size):
-        block = sq64[c0 : c0 + chunk_size] - 2.0 * z64 @ c64[c0 : c0 + chunk_size].T
-        best = torch.minimum(best, block.amin(dim=1))
-    chosen = sq64[idx] - 2.0 * (z64 * c64[idx]).sum(dim=1)
-    p = z64.norm(dim=1) * sq64.amax().sqrt()
-    tolerance = 4.0 * ((z.shape[1] + 2) * FP32_GAMMA_PER_TERM * p + FP32_GAMMA_PER_TERM * (sq64.amax() + 2.0 * p))
-    return chosen - best, tolerance
+        block = c64[c0 : c0 + chunk_size]
+        best = torch.minimum(best, (block.pow(2).sum(dim=1) - 2.0 * z64 @ block.T).amin(dim=1))
+    return best
+
+
+@torch.no_grad()
+def fp64_excess(z: torch.Tensor, codes: torch.Tensor, idx: torch.Tensor, optimum: torch.Tensor | None = None):
+    """(excess, tolerance) per token: the chosen code's fp64 distance minus the fp64 optimum, and the
+    few-fp32-ulp slack an exact fp32 search may lose. A search is wrong where excess > tolerance."""
+    z64, chosen_codes = z.double(), codes[idx].double()
+    optimum = fp64_optimum(z, codes) if optimum is None else optimum
+    chosen = chosen_codes.pow(2).sum(dim=1) - 2.0 * (z64 * chosen_codes).sum(dim=1)
+    sq_max = codes.double().pow(2).sum(dim=1).amax()
+    p = z64.norm(dim=1) * sq_max.sqrt()
+    tolerance = 4.0 * FP32_GAMMA_PER_TERM * ((z.shape[1] + 2) * p + sq_max + 2.0 * p)
+    return chosen - optimum, tolerance

@@ -1,0 +1,164 @@
+"""The fused Triton search returns the exact fp32 answer: same index as the torch reference on clear
+margins, lowest index on planted exact ties, never worse than the fp64 optimum beyond fp32 rounding.
+
+CPU: the kernels run under TRITON_INTERPRET=1 in a subprocess (the variable must be set before Triton
+is imported, and must not leak into other tests). GPU (marked gpu): real sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from simvq_scale.quant import search_triton
+from simvq_scale.quant.search import nearest_code, nearest_code_torch
+
+pytestmark = pytest.mark.skipif(search_triton.triton is None, reason="Triton is not installed")
+
+
+def make_case(kind: str, n: int, k: int, d: int, seed: int, device: str = "cpu"):
+    """(z, codes, planted) where planted maps a token to the index it must get exactly (or is empty)."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randn(k, d, generator=gen)
+    z = torch.randn(n, d, generator=gen)
+    planted: dict[int, int] = {}
+    if kind == "duplicates":
+        # 1-4 copies of row t, k/5 rows apart (so in different tiles: up to 5 tiles hold the best
+        # distance, more than the two kept, so the margin test must send those tokens to the fallback);
+        # tokens sit on the row.
+        for t, src in enumerate(range(0, min(n, k // 5))):
+            copies = 1 + t % 4
+            for c in range(copies):
+                codes[(c + 1) * (k // 5) + t] = codes[src]
+            z[t] = codes[src] + 1e-3 * torch.randn(d, generator=gen)
+            planted[t] = src
+    elif kind == "near_ties":
+        # Token equidistant (in exact arithmetic) from two codes: a and a + delta, z on the bisector,
+        # nudged by a few fp32 ulps of the distance towards one side or the other.
+        for t in range(n):
+            a, b = (t * 7) % k, (t * 13 + 5) % k
+            if a == b:
+                continue
+            codes[b] = codes[a] + 1e-2 * torch.randn(d, generator=gen)
+            mid = 0.5 * (codes[a] + codes[b])
+            direction = codes[b] - codes[a]
+            z[t] = mid + (t % 5 - 2) * 1e-7 * direction / direction.norm()
+    elif kind == "huge_norms":
+        codes[: k // 10] *= 1e4
+        codes[k // 10 : k // 5] *= 1e-3
+        z *= 3.0
+    elif kind != "random":
+        raise ValueError(f"unknown case kind {kind!r}")
+    return z.to(device), codes.to(device), planted
+
+
+def check_case(kind: str, n: int, k: int, d: int, seed: int, device: str = "cpu") -> dict:
+    z, codes, planted = make_case(kind, n, k, d, seed, device)
+    dist, idx, fallback = search_triton.search_with_stats(z, codes)
+    ref_dist, ref_idx = nearest_code_torch(z, codes)
+    excess, tolerance = search_triton.fp64_excess(z, codes, idx)
+    planted_tokens = sorted(planted)
+    return {
+        "kind": kind, "n": n, "k": k, "d": d, "fallback": fallback,
+        "mismatches": int((idx != ref_idx).sum()),
+        "wrong": int((excess > tolerance).sum()),
+        "planted_wrong": int(sum(int(idx[t]) != planted[t] for t in planted_tokens)),
+        "planted_ref_wrong": int(sum(int(ref_idx[t]) != planted[t] for t in planted_tokens)),
+        "planted": len(planted_tokens),
+        "dist_gap": float(((dist.double() - ref_dist.double()).abs() / tolerance).max()),
+        "idx_dtype": str(idx.dtype), "dist_dtype": str(dist.dtype), "in_range": bool(((idx >= 0) & (idx < k)).all()),
+    }
+
+
+INTERPRET_CASES = [
+    ("random", 96, 777, 32, 1),
+    ("random", 64, 300, 16, 2),
+    ("duplicates", 40, 640, 32, 3),
+    ("near_ties", 64, 500, 32, 4),
+    ("huge_norms", 64, 700, 32, 5),
+]
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    """Run every CPU case in one TRITON_INTERPRET=1 subprocess (one interpreter start for all)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, __file__, "--interpret-cases"], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {(r["kind"], r["n"], r["k"], r["d"]): r for r in results}
+
+
+@pytest.mark.parametrize("case", INTERPRET_CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" for c in INTERPRET_CASES])
+def test_interpreted_kernel_is_exact(interpreted, case):
+    result = interpreted[case[:4]]
+    assert result["idx_dtype"] == "torch.int64" and result["dist_dtype"] == "torch.float32"
+    assert result["in_range"]
+    assert result["wrong"] == 0, result
+    assert result["planted_wrong"] == 0, result
+    assert result["dist_gap"] <= 1.0, result
+    if case[0] in ("random", "huge_norms"):
+        assert result["mismatches"] == 0, result
+    if case[0] == "random":
+        assert result["fallback"] == 0, result  # clear margins: the fast path alone decides
+
+
+def test_interpreted_duplicates_use_fallback_and_lowest_index(interpreted):
+    result = interpreted[("duplicates", 40, 640, 32)]
+    # Tokens with 3-4 copies of their row fill more tiles than are kept: the margin test must refuse them.
+    assert result["fallback"] >= result["planted"] // 2, result
+    assert result["planted"] == 40 and result["planted_wrong"] == 0 and result["planted_ref_wrong"] == 0
+
+
+def test_margin_grows_with_rounding_and_norms():
+    one = torch.ones(3)
+    base = search_triton.search_margin(one, 0.01 * one, one, 0.01, 1.0, 1.0, 1.0, 32)
+    assert (search_triton.search_margin(one, 0.02 * one, one, 0.01, 1.0, 1.0, 1.0, 32) > base).all()
+    assert (search_triton.search_margin(one, 0.01 * one, one, 0.01, 1.0, 10.0, 100.0, 32) > base).all()
+    assert (base > 0).all()
+
+
+def test_shape_errors_name_the_shapes():
+    with pytest.raises(ValueError, match=r"\(4, 8\).*\(5, 7\)"):
+        search_triton.search_with_stats(torch.zeros(4, 8), torch.zeros(5, 7))
+    with pytest.raises(ValueError, match="codes_sq must have shape"):
+        search_triton.search_with_stats(torch.zeros(4, 8), torch.zeros(5, 8), torch.zeros(4))
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("kind,n,k,d", [("random", 4096, 100_003, 128), ("random", 1000, 5_000, 64),
+                                        ("duplicates", 512, 65_536, 128), ("near_ties", 2048, 50_000, 128),
+                                        ("huge_norms", 2048, 70_001, 128)])
+def test_gpu_fused_search_is_exact(kind, n, k, d):
+    result = check_case(kind, n, k, d, seed=11, device="cuda")
+    assert result["wrong"] == 0 and result["planted_wrong"] == 0 and result["in_range"], result
+    if kind in ("random", "huge_norms"):
+        assert result["mismatches"] == 0, result
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_dispatch_uses_the_kernel_and_matches():
+    z, codes, _ = make_case("random", 777, 33_333, 128, seed=3, device="cuda")
+    dist, idx = nearest_code(z, codes, impl="triton")
+    ref_dist, ref_idx = nearest_code_torch(z, codes)
+    assert torch.equal(idx, ref_idx)
+    _, tolerance = search_triton.fp64_excess(z, codes, idx)
+    assert ((dist.double() - ref_dist.double()).abs() <= tolerance).all()
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--interpret-cases"]:
+    for case in INTERPRET_CASES:
+        print(json.dumps(check_case(*case)), flush=True)

@@ -207,7 +207,7 @@ class ShardedCodebook(nn.Module):
         if self.group is None:
             if bad:
                 raise ValueError(self._range_message(flat))
-            return self.weight[flat - start].reshape(*indices.shape, -1)
+            return self.weight[flat - start].reshape(*indices.shape, self.weight.shape[1])
         owner = torch.searchsorted(self.shard_stops, flat, right=True)
         order = torch.argsort(owner, stable=True)
         send_counts = torch.bincount(owner, minlength=self.group_size) if not bad else \
@@ -227,7 +227,7 @@ class ShardedCodebook(nn.Module):
         dist.all_to_all_single(answered, self.weight[requests - start], send, recv, group=self.group)
         rows = torch.empty_like(answered)
         rows[order] = answered
-        return rows.reshape(*indices.shape, -1)
+        return rows.reshape(*indices.shape, self.weight.shape[1])
 
     def _range_message(self, flat: torch.Tensor) -> str:
         return (f"codebook indices [{int(flat.min())}, {int(flat.max())}] are outside 0..{self.codebook_size - 1}")

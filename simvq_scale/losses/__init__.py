@@ -1,0 +1,1 @@
+"""Training losses: perceptual (LPIPS), adversarial (PatchGAN hinge / non-saturating)."""

@@ -1,0 +1,30 @@
+"""LPIPS (VGG16, v0.1) perceptual loss on images in [-1, 1]; weights from simvq_scale.pretrained."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from simvq_scale.pretrained import load_lpips, random_lpips_for_tests
+
+
+class PerceptualLoss(nn.Module):
+    """forward(x, x_hat) -> scalar mean LPIPS over the batch. The network is frozen and stays in
+    eval mode (train() does not switch its dropout on); gradients flow to x_hat only."""
+
+    def __init__(self, path: str = "", *, _lpips: nn.Module | None = None):
+        super().__init__()
+        self.lpips = _lpips if _lpips is not None else load_lpips("vgg", path)
+
+    @classmethod
+    def random_for_tests(cls) -> "PerceptualLoss":
+        """A RANDOM-trunk LPIPS-VGG (real v0.1 heads), for tests that must not need the weights file."""
+        return cls(_lpips=random_lpips_for_tests("vgg"))
+
+    def train(self, mode: bool = True) -> "PerceptualLoss":
+        super().train(mode)
+        self.lpips.eval()
+        return self
+
+    def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        return self.lpips(x.contiguous(), x_hat.contiguous()).mean()

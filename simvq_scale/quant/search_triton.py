@@ -13,8 +13,8 @@ argmin, ties to the lowest index), without ever holding an N x K score matrix:
 2. Fused kernel. Tiles of BLOCK_M tokens x BLOCK_K codes are multiplied on the
    tensor cores (fp16 x fp16 -> fp32) and turned into low-precision scores
    s = ||c||^2 - 2 z.c; each tile is reduced to its per-token minimum, and every
-   token keeps in registers its two best tiles and the third-best tile minimum.
-   Only those five numbers per token (per split of the codebook) reach memory.
+   token keeps in registers its four best tiles and the fifth-best tile minimum.
+   Only those nine numbers per token (per split of the codebook) reach memory.
 3. Margin. For every code, |s_lowp - s_real| <= b(z) with
        b(z) = 2 (|z| R_c + r_z H_c + g |zh| H_c) + 2^-23 (Q + 2 P)
    where R_c = max_k r_k, H_c = max_k h_k (codes), r_z, |zh| the token's own
@@ -25,14 +25,14 @@ argmin, ties to the lowest index), without ever holding an N x K score matrix:
    |z.c - zh.ch| <= |z| |c - ch| + |z - zh| |ch|; the last bounds the rounding of
    the final add. A true fp32 search (torch's or ours) itself errs by at most
    e32(z) = 2 d 2^-23 P + 2^-23 (Q + 2 P) (gamma_d doubled again). A code
-   outside the two kept tiles scores at least the third tile minimum m3 in low
-   precision, so if m3 > m1 + 1.25 (2 b + 2 e32) its real distance exceeds the
+   outside the four kept tiles scores at least the fifth tile minimum m5 in low
+   precision, so if m5 > m1 + 1.25 (2 b + 2 e32) its real distance exceeds the
    real optimum by more than 2 e32: it can beat no candidate even after fp32
-   rounding. The two kept tiles are then the complete candidate set.
+   rounding. The four kept tiles are then the complete candidate set.
 4. Re-rank. The kept tiles' codes are scored again in plain fp32 (CUDA-core
    products, the reference formula ||c||^2 - 2 z.c), ties to the lowest index.
-5. Fallback. Tokens whose margin test fails (planted duplicates in three or more
-   tiles, near-ties of more than two tiles) are searched again by the torch
+5. Fallback. Tokens whose margin test fails (planted duplicates in five or more
+   tiles, near-ties spread over more than four tiles) are searched again by the torch
    chunked fp32 search, so the answer stays exact; search_with_stats reports
    how many.
 """
@@ -49,8 +49,8 @@ try:
 except ImportError:  # CPU-only installs without Triton: search.py keeps the torch path
     triton = None
 
-# Kept tiles per token (the kernel's register state is written for exactly two).
-KEPT_TILES = 2
+# Kept tiles per token (the kernel's register state is written for exactly four).
+KEPT_TILES = 4
 # Largest fp16 exponent target: row maxima land in [2^13, 2^14), far from fp16's 65504.
 FP16_TARGET_EXPONENT = 14
 FP16_SMALLEST_NORMAL = 2.0**-14
@@ -101,10 +101,10 @@ if triton is not None:
     def _best_tiles_kernel(zh_ptr, ch_ptr, codes_sq_ptr, coef_ptr, best_val_ptr, best_tile_ptr,
                            n_tokens, n_codes, dim, stride_z, stride_c, TILES_PER_SPLIT: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Per token of this block and codes of this split: two best tiles and the third tile minimum.
+        """Per token of this block and codes of this split: the four best tiles and the fifth tile minimum.
 
         Scores are ||c||^2 + coef_k * (zh . ch), coef_k = -2 / (z_scale * c_scale_k), fp16 products
-        accumulated in fp32. Outputs best_val (3, splits, N) and best_tile (2, splits, N).
+        accumulated in fp32. Outputs best_val (5, splits, N) and best_tile (4, splits, N).
         """
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -118,8 +118,12 @@ if triton is not None:
         v1 = tl.full((BLOCK_M,), inf, tl.float32)
         v2 = tl.full((BLOCK_M,), inf, tl.float32)
         v3 = tl.full((BLOCK_M,), inf, tl.float32)
+        v4 = tl.full((BLOCK_M,), inf, tl.float32)
+        v5 = tl.full((BLOCK_M,), inf, tl.float32)
         t1 = tl.full((BLOCK_M,), -1, tl.int32)
         t2 = tl.full((BLOCK_M,), -1, tl.int32)
+        t3 = tl.full((BLOCK_M,), -1, tl.int32)
+        t4 = tl.full((BLOCK_M,), -1, tl.int32)
         tile_begin = pid_s * TILES_PER_SPLIT
         # The last split may run past the codebook: its extra tiles score +inf and change nothing.
         for step in range(0, TILES_PER_SPLIT):
@@ -131,13 +135,21 @@ if triton is not None:
             sq = tl.load(codes_sq_ptr + codes, mask=code_ok, other=inf)
             coef = tl.load(coef_ptr + codes, mask=code_ok, other=0.0)
             scores = tl.dot(z, tl.trans(c)) * coef[None, :] + sq[None, :]
-            tile_min = tl.min(scores, axis=1)
-            below1 = tile_min < v1
-            below2 = tile_min < v2
-            v3 = tl.where(below2, v2, tl.minimum(v3, tile_min))
-            v2 = tl.where(below1, v1, tl.where(below2, tile_min, v2))
+            x = tl.min(scores, axis=1)
+            # Insert the tile minimum x into the sorted list v1..v4 (strict <: an equal later tile goes
+            # after); v5 keeps the smallest minimum that fell off the list.
+            below1 = x < v1
+            below2 = x < v2
+            below3 = x < v3
+            below4 = x < v4
+            v5 = tl.where(below4, v4, tl.minimum(v5, x))
+            v4 = tl.where(below3, v3, tl.where(below4, x, v4))
+            t4 = tl.where(below3, t3, tl.where(below4, tile, t4))
+            v3 = tl.where(below2, v2, tl.where(below3, x, v3))
+            t3 = tl.where(below2, t2, tl.where(below3, tile, t3))
+            v2 = tl.where(below1, v1, tl.where(below2, x, v2))
             t2 = tl.where(below1, t1, tl.where(below2, tile, t2))
-            v1 = tl.where(below1, tile_min, v1)
+            v1 = tl.where(below1, x, v1)
             t1 = tl.where(below1, tile, t1)
         row_ok = rows < n_tokens
         plane = n_splits * n_tokens
@@ -145,8 +157,12 @@ if triton is not None:
         tl.store(best_val_ptr + out, v1, mask=row_ok)
         tl.store(best_val_ptr + plane + out, v2, mask=row_ok)
         tl.store(best_val_ptr + 2 * plane + out, v3, mask=row_ok)
+        tl.store(best_val_ptr + 3 * plane + out, v4, mask=row_ok)
+        tl.store(best_val_ptr + 4 * plane + out, v5, mask=row_ok)
         tl.store(best_tile_ptr + out, t1, mask=row_ok)
         tl.store(best_tile_ptr + plane + out, t2, mask=row_ok)
+        tl.store(best_tile_ptr + 2 * plane + out, t3, mask=row_ok)
+        tl.store(best_tile_ptr + 3 * plane + out, t4, mask=row_ok)
 
     @triton.jit
     def _rerank_kernel(z_ptr, c_ptr, codes_sq_ptr, tiles_ptr, dist_ptr, idx_ptr,
@@ -221,7 +237,7 @@ def _splits_for(n_blocks: int, n_tiles: int, device: torch.device) -> int:
 
 @torch.no_grad()
 def search_with_stats(z: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tensor | None = None,
-                      block_m: int = 128, block_k: int = 128, num_warps: int = 8, num_stages: int = 3):
+                      block_m: int = 128, block_k: int = 64, num_warps: int = 4, num_stages: int = 4):
     """(dist fp32 (N,), idx int64 (N,), tokens re-searched by the torch fallback) - see the module docstring."""
     if z.dim() != 2 or codes.dim() != 2 or z.shape[1] != codes.shape[1]:
         raise ValueError(f"nearest_code expects z (N, d) and codes (K, d), got {tuple(z.shape)} and {tuple(codes.shape)}")
@@ -247,27 +263,28 @@ def search_with_stats(z: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tens
     splits = _splits_for(n_blocks, n_tiles, z.device)
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)
-    best_val = torch.empty((3, splits, n), dtype=torch.float32, device=z.device)
-    best_tile = torch.empty((2, splits, n), dtype=torch.int32, device=z.device)
+    best_val = torch.empty((KEPT_TILES + 1, splits, n), dtype=torch.float32, device=z.device)
+    best_tile = torch.empty((KEPT_TILES, splits, n), dtype=torch.int32, device=z.device)
     _best_tiles_kernel[(n_blocks, splits)](
         zh, ch, codes_sq, coef, best_val, best_tile, n, n_codes, dim, zh.stride(0), ch.stride(0),
         TILES_PER_SPLIT=tiles_per_split, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages)
     del ch
 
-    # Merge the splits: the two best tiles overall and the third-best tile minimum.
-    pair_vals = best_val[:2].permute(2, 0, 1).reshape(n, 2 * splits)
-    pair_tiles = best_tile.permute(2, 0, 1).reshape(n, 2 * splits)
-    order = torch.argsort(pair_vals, dim=1, stable=True)[:, :3]
-    top_vals = pair_vals.gather(1, order)
-    kept_tiles = pair_tiles.gather(1, order[:, :KEPT_TILES]).contiguous()
-    third = best_val[2].amin(dim=0)
+    # Merge the splits: the best KEPT_TILES tiles overall and the next tile minimum (a lower bound on
+    # every other tile: the next smallest of the kept lists, or a split's own dropped minimum).
+    kept_vals = best_val[:KEPT_TILES].permute(2, 0, 1).reshape(n, KEPT_TILES * splits)
+    kept_all = best_tile.permute(2, 0, 1).reshape(n, KEPT_TILES * splits)
+    order = torch.argsort(kept_vals, dim=1, stable=True)[:, : KEPT_TILES + 1]
+    top_vals = kept_vals.gather(1, order)
+    kept_tiles = kept_all.gather(1, order[:, :KEPT_TILES]).contiguous()
+    following = best_val[KEPT_TILES].amin(dim=0)
     if top_vals.shape[1] > KEPT_TILES:
-        third = torch.minimum(third, top_vals[:, KEPT_TILES])
+        following = torch.minimum(following, top_vals[:, KEPT_TILES])
 
     margin = search_margin(z_sq.sqrt(), z_resid, z_hnorm, c_resid.amax(), c_hnorm.amax(), c_sq.amax().sqrt(),
                            codes_sq.abs().amax(), dim)
-    complete = third > top_vals[:, 0] + margin
+    complete = following > top_vals[:, 0] + margin
 
     dist = torch.empty(n, dtype=torch.float32, device=z.device)
     idx = torch.empty(n, dtype=torch.long, device=z.device)

@@ -44,11 +44,15 @@ def _lpips_model(net: str) -> nn.Module:
     torchvision's download); callers overwrite or knowingly keep the trunk."""
     import lpips
 
-    if net not in LPIPS_FEATURE_FILES:
-        raise ValueError(f"LPIPS net={net!r} is not one of {sorted(LPIPS_FEATURE_FILES)}")
+    _check_net(net)
     with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=False`
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         return lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
+
+
+def _check_net(net: str) -> None:
+    if net not in LPIPS_FEATURE_FILES:
+        raise ValueError(f"LPIPS net={net!r} is not one of {sorted(LPIPS_FEATURE_FILES)}")
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -80,9 +84,10 @@ def load_lpips(net: str = "vgg", path: str = "") -> nn.Module:
     """LPIPS v0.1 (`net` = "vgg" | "alex") with ImageNet trunk weights from `path`
     (default: weights_dir()/lpips_<net>_features.pth); eval mode, every parameter frozen.
     Inputs are images in [-1, 1]."""
-    model = _lpips_model(net)  # checks `net` first
+    _check_net(net)
     setting = "loss.perceptual_weights" if net == "vgg" else "the `path` argument of load_lpips(net='alex')"
     file = _resolve(path, LPIPS_FEATURE_FILES[net], setting)
+    model = _lpips_model(net)
     load_lpips_trunk(model.net, torch.load(file, map_location="cpu", weights_only=True), str(file))
     return _frozen(model)
 

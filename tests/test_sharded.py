@@ -96,6 +96,7 @@ def test_without_a_group_the_search_is_local_with_the_row_offset():
     local, single = LocalCodebook(300, 8, 2), ShardedCodebook(300, 8, 2, None, 0, 1)
     project = torch.nn.Linear(8, 8)
     assert single.row_range == (0, 300)
+    assert not single.state_dict(), "the frozen rows are regenerated, never checkpointed"
     assert torch.equal(single.nearest(z, project), local.nearest(z, project))
     assert torch.equal(single.lookup(torch.tensor([[0, 299], [7, 7]])), local.lookup(torch.tensor([[0, 299], [7, 7]])))
 

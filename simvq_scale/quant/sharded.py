@@ -236,29 +236,30 @@ class ShardedCodebook(nn.Module):
 # ---- the multi-process exactness check used by tools/bench_search.py --check ----
 
 def planted_codes(seed: int, codebook_size: int, dim: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """Rows [start, stop) of a Gaussian codebook in which the last rows copy the first ones (exact ties across shards)."""
+    """Rows [start, stop) of a Gaussian codebook whose last rows copy its first ones (exact ties across shards)."""
     stop = codebook_size if stop is None else stop
     rows = gaussian_rows(seed, codebook_size, dim, start, stop)
-    for source, copy in _planted_pairs(codebook_size):
+    sources = _planted_sources(seed, codebook_size, dim)
+    for source in range(sources.shape[0]):
+        copy = codebook_size - 1 - source
         if start <= copy < stop:
-            rows[copy - start] = gaussian_rows(seed, codebook_size, dim, source, source + 1)[0]
+            rows[copy - start] = sources[source]
     return rows
 
 
-def _planted_pairs(codebook_size: int) -> list[tuple[int, int]]:
-    pairs = min(8, codebook_size // 2)
-    return [(i, codebook_size - 1 - i) for i in range(pairs)]
+def _planted_sources(seed: int, codebook_size: int, dim: int) -> torch.Tensor:
+    """Rows 0..m-1, copied into rows K-1..K-m by planted_codes (m = min(8, K // 2))."""
+    return gaussian_rows(seed, codebook_size, dim, 0, min(8, codebook_size // 2))
 
 
 def check_tokens(seed: int, codebook_size: int, tokens: int, dim: int) -> torch.Tensor:
     """Gaussian tokens; every fourth one is a planted row itself, equidistant from the row and its copy."""
     generator = torch.Generator().manual_seed(seed + 1)
     z = torch.randn(tokens, dim, generator=generator) * dim**-0.5
-    sources = [source for source, _ in _planted_pairs(codebook_size)]
-    for i in range(0, tokens, 4):
-        if sources:
-            source = sources[(i // 4) % len(sources)]
-            z[i] = gaussian_rows(seed, codebook_size, dim, source, source + 1)[0]
+    sources = _planted_sources(seed, codebook_size, dim)
+    if sources.shape[0]:
+        planted = torch.arange(0, tokens, 4)
+        z[planted] = sources[(planted // 4) % sources.shape[0]]
     return z
 
 

@@ -28,6 +28,8 @@ from torch import nn
 from simvq_scale import distributed as D
 from simvq_scale.config import Config, dump_config, micro_batch_and_accumulation, to_dict
 from simvq_scale.data import build_eval_loader, build_train_loader
+from simvq_scale.losses import build_objective
+from simvq_scale.models import build_generator
 from simvq_scale.models.discriminators import build_discriminator
 from simvq_scale.quant.factory import build_quantizer
 from simvq_scale.quant.stats import CodebookUsage, weight_spectrum
@@ -35,22 +37,6 @@ from simvq_scale.train.checkpoint import Checkpointer
 from simvq_scale.train.logging import NoOpLogger, RunLogger, format_eta
 
 EXPORT_NAME = "generator_ema.pt"
-
-
-def build_generator(cfg: Config, quantizer: nn.Module) -> nn.Module:
-    if cfg.data.modality == "image":
-        from simvq_scale.models.image import build_image_autoencoder
-
-        return build_image_autoencoder(cfg.model.image, quantizer)
-    raise ValueError(f"data.modality={cfg.data.modality!r} has no generator yet")
-
-
-def build_objective(cfg: Config) -> nn.Module:
-    if cfg.data.modality == "image":
-        from simvq_scale.losses.gan_image import ImageGANObjective
-
-        return ImageGANObjective(cfg.loss)
-    raise ValueError(f"data.modality={cfg.data.modality!r} has no objective yet")
 
 
 def sample_shape(cfg: Config) -> tuple[int, ...]:
@@ -299,10 +285,13 @@ class Trainer:
 
     def _log(self, sums, micro_steps, elapsed, data_wait, run_start, first_step) -> None:
         tags = sorted(sums)
-        means = (torch.stack([sums[t] for t in tags]) / max(1, micro_steps) if tags
-                 else torch.zeros(0, device=self.device))
-        dist.all_reduce(means)  # sum over ranks ...
-        values = {t: v / self.world for t, v in zip(tags, means.tolist())}  # ... then the mean
+        # one collective for every figure: the loss means and the count of skipped bad samples
+        reduced = torch.stack([sums[t] / max(1, micro_steps) for t in tags]
+                              + [torch.tensor(float(self.loader.skipped_total()), device=self.device)])
+        dist.all_reduce(reduced)
+        *loss_sums, skipped = reduced.tolist()
+        values = {t: v / self.world for t, v in zip(tags, loss_sums)}  # mean over ranks
+        values["data/skipped_samples"] = skipped
         nonfinite = self._check_finite()
         usage = self.usage.reduce()
         values.update({
@@ -329,9 +318,6 @@ class Trainer:
             spectrum = weight_spectrum(proj.weight)
             values.update({"W/rank": float(spectrum["numerical_rank"]), "W/fro_norm": spectrum["frobenius_norm"],
                            "W/effective_rank": spectrum["effective_rank"]})
-        skipped = getattr(self.loader, "skipped", None)
-        if callable(skipped):
-            values["data/skipped_samples"] = float(skipped())
         self.logger.scalars(self.step, values)
         if spectrum is not None:
             self.logger.histogram(self.step, "W/singular_values", spectrum["singular_values"])

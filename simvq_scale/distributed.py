@@ -46,6 +46,10 @@ def init_distributed(timeout_s: float = 1800.0, use_deepspeed: bool = True) -> t
         torch.cuda.set_device(device)
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        if use_deepspeed:
+            # DeepSpeed compiles a shared-memory collective op for CPU on its first init (~75 s);
+            # gloo is all we need, so skip the build (also when the group exists already)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     if dist.is_initialized():
@@ -53,10 +57,6 @@ def init_distributed(timeout_s: float = 1800.0, use_deepspeed: bool = True) -> t
     if use_deepspeed:
         import deepspeed
 
-        if device.type == "cpu":
-            # DeepSpeed compiles a shared-memory collective op for CPU on first init (~75 s);
-            # gloo is all we need, so skip the build.
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     else:
         dist.init_process_group(backend, timeout=timeout)

@@ -178,13 +178,14 @@ class Trainer:
 
     def _save(self) -> None:
         self._check_finite()
+        # the data stream restarts from a seed made of this step (below), so a resumed run reads
+        # exactly what an uninterrupted one reads after this checkpoint
+        self.stream_start = self.step
         self.checkpointer.save(self.step, self.engine_g, self.engine_d, self._client_state(),
                                {"usage": self.usage.state_dict()})
         if D.is_main():
             self.export(Path(self.cfg.train.out_dir) / EXPORT_NAME)
-        # the data stream restarts from a seed made of this step, so a resumed run reads
-        # exactly what an uninterrupted one reads after this checkpoint
-        self._start_stream(self.step)
+        self._start_stream(self.stream_start)
 
     def export(self, path: Path) -> None:
         """The EMA generator in one file, loadable without DeepSpeed (simvq_scale.inference)."""
@@ -206,26 +207,37 @@ class Trainer:
 
     def _micro_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         adversarial = self.step >= self.cfg.loss.disc_start
+        x_hat, parts = self._generator_step(x, adversarial)
+        if adversarial:
+            parts.update(self._discriminator_step(x, x_hat))
+        return parts
+
+    def _generator_step(self, x: torch.Tensor, adversarial: bool = True):
+        """One forward/backward/step of the G engine with D frozen; returns (sg(x_hat), loss parts)."""
         disc = self.engine_d.module
         disc.requires_grad_(False)
-        with self._autocast():
-            x_hat, quant = self.engine_g(x)
-            loss_g, parts = self.objective.generator_loss(
-                x, x_hat, quant, disc if adversarial else None, self.engine_g.module.last_layer)
-        self.finite_g.copy_(torch.isfinite(loss_g))
-        self.engine_g.backward(loss_g)
-        self.engine_g.step()
-        disc.requires_grad_(True)
-        self.nonfinite += (~self.finite_g).long()
-        if adversarial:
+        try:
             with self._autocast():
-                loss_d, d_parts = self.objective.discriminator_loss(self.engine_d, x, x_hat.detach())
-            self.finite_d.copy_(torch.isfinite(loss_d))
-            self.engine_d.backward(loss_d)
-            self.engine_d.step()
-            self.nonfinite += (~self.finite_d).long()
-            parts.update(d_parts)
+                x_hat, quant = self.engine_g(x)
+                loss_g, parts = self.objective.generator_loss(
+                    x, x_hat, quant, disc if adversarial else None, self.engine_g.module.last_layer)
+            self.finite_g.copy_(torch.isfinite(loss_g))
+            self.engine_g.backward(loss_g)
+            self.engine_g.step()
+        finally:
+            disc.requires_grad_(True)
+        self.nonfinite += (~self.finite_g).long()
         self.usage.update(quant.indices)
+        return x_hat.detach(), parts
+
+    def _discriminator_step(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One forward/backward/step of the D engine on (x, sg(x_hat))."""
+        with self._autocast():
+            loss_d, parts = self.objective.discriminator_loss(self.engine_d, x, x_hat)
+        self.finite_d.copy_(torch.isfinite(loss_d))
+        self.engine_d.backward(loss_d)
+        self.engine_d.step()
+        self.nonfinite += (~self.finite_d).long()
         return parts
 
     @torch.no_grad()

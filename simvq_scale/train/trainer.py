@@ -76,14 +76,26 @@ class Trainer:
         self.quantizer = build_quantizer(cfg.quantizer)
         self.generator = build_generator(cfg, self.quantizer).to(device)
         self.discriminator = build_discriminator(cfg).to(device)
-        self.tokens_per_sample = self._tokens_per_sample()
+        self.tokens_per_sample, self.flops_per_sample = self._measure_shapes()
 
     @torch.no_grad()
-    def _tokens_per_sample(self) -> int:
-        # the encoder alone, on the meta device: shapes without compute or collectives
-        encoder = copy.deepcopy(self.generator.encoder).to("meta")
-        z = encoder(torch.empty(1, *sample_shape(self.cfg), device="meta"))
-        return math.prod(z.shape[2:])
+    def _measure_shapes(self) -> tuple[int, float]:
+        """(tokens per sample, model FLOPs per training sample), on the meta device: no compute, no collectives.
+
+        A training sample costs forward + backward (3x forward) of encoder, decoder and D inside
+        the G step, and of D twice (real, fake) in the D step. The search and LPIPS are not counted.
+        """
+        from torch.utils.flop_counter import FlopCounterMode
+
+        encoder, decoder, disc = (copy.deepcopy(m).to("meta") for m in
+                                  (self.generator.encoder, self.generator.decoder, self.discriminator))
+        x = torch.empty(1, *sample_shape(self.cfg), device="meta")
+        with FlopCounterMode(display=False) as generator_flops:
+            x_hat = decoder(encoder(x))
+        with FlopCounterMode(display=False) as disc_flops:
+            disc(x_hat)
+        tokens = math.prod(encoder(x).shape[2:])
+        return tokens, 3.0 * generator_flops.get_total_flops() + 9.0 * disc_flops.get_total_flops()
 
     def describe(self) -> dict:
         """The `--dry-run` summary."""
@@ -92,6 +104,7 @@ class Trainer:
             "parameters_discriminator": count_parameters(self.discriminator),
             "codebook_size": self.quantizer.codebook_size,
             "tokens_per_sample": self.tokens_per_sample,
+            "model_gflops_per_sample": round(self.flops_per_sample / 1e9, 3),
             "global_batch": self.cfg.train.global_batch,
             "micro_batch": self.micro_batch,
             "gradient_accumulation": self.accumulation,
@@ -323,6 +336,7 @@ class Trainer:
             "perf/tokens_per_s": samples * self.tokens_per_sample / elapsed,
             "perf/data_wait_frac": min(1.0, data_wait / elapsed),
             "perf/max_mem_gib": _max_memory_gib(self.device),
+            "perf/model_tflops_per_gpu": samples * self.flops_per_sample / elapsed / self.world / 1e12,
         })
         spectrum = None
         proj = getattr(self.quantizer, "proj", None)

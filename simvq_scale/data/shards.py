@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -185,7 +186,9 @@ def write_shard_set(sources: Iterable[SourceFile], encode: Encoder, out_dir: str
         records[index] = record
         bar.update(record["sources"])
 
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 0 else None
+    # spawn, not fork: a forked child of a process whose torch/OpenMP thread pool is running can deadlock
+    # (the audio encoder resamples with torch)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) if workers > 0 else None
     in_flight: dict[Future, int] = {}
     try:
         for index, chunk in enumerate(_chunks(sources, shard_size)):

@@ -42,12 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=32, help="feature / code dimension")
     p.add_argument("--steps", type=int, default=300, help="Adam steps")
     p.add_argument("--batch", type=int, default=4096, help="features per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seeds the features, the codebook and the batches")
     p.add_argument("--features", type=int, default=0,
                    help="number of distinct fixed features (default 4 x codebook size: must exceed K "
                         "for full utilization to be possible)")
-    p.add_argument("--components", type=int, default=64, help="Gaussian mixture components")
+    p.add_argument("--components", type=int, default=8, help="Gaussian mixture components")
+    p.add_argument("--intrinsic-dim", type=int, default=4,
+                   help="dimension of the random subspace the features lie in (<= --dim)")
     p.add_argument("--fsq-levels", type=str, default="",
                    help="comma-separated FSQ levels (default: 8s and one smaller level, product = K, K a power of 2)")
     p.add_argument("--log-every", type=int, default=25, help="steps between progress lines")
@@ -64,17 +66,19 @@ def default_fsq_levels(codebook_size: int) -> list[int]:
     return levels + ([2 ** (bits % 3)] if bits % 3 else [])
 
 
-def gaussian_mixture(n: int, dim: int, components: int, generator: torch.Generator) -> torch.Tensor:
-    """n points from `components` Gaussians, on the scale of a normalised encoder output (norm ~ 1).
+def gaussian_mixture(n: int, dim: int, components: int, intrinsic_dim: int, generator: torch.Generator) -> torch.Tensor:
+    """n points of a Gaussian mixture on a random `intrinsic_dim`-dimensional subspace, of norm ~ 1.
 
-    Means ~ N(0, 1/dim) per coordinate (the frozen codebook's scale) and per-component spread 0.5-1 of that:
-    overlapping components, so a linear image of a Gaussian codebook can cover them (tight, separated
-    clusters would leave codes between them that no linear map can bring to a feature).
+    Like encoder features, they fill a low-dimensional set: in the subspace, component means ~ N(0, 0.5^2)
+    and unit spread (overlapping components), then scaled to the frozen codebook's norm. Why low-dimensional:
+    codes and features in all 32 dimensions sit in the nearest-neighbour "hubness" regime, where even a
+    codebook drawn from the features' own distribution leaves about a quarter of its codes nobody's nearest.
     """
-    means = torch.randn(components, dim, generator=generator)
-    spread = 0.5 + 0.5 * torch.rand(components, 1, generator=generator)
+    basis = torch.linalg.qr(torch.randn(dim, intrinsic_dim, generator=generator))[0]
+    means = 0.5 * torch.randn(components, intrinsic_dim, generator=generator)
     which = torch.randint(components, (n,), generator=generator)
-    return (means[which] + spread[which] * torch.randn(n, dim, generator=generator)) * dim**-0.5
+    low = means[which] + torch.randn(n, intrinsic_dim, generator=generator)
+    return low @ basis.T * intrinsic_dim**-0.5
 
 
 @torch.no_grad()
@@ -113,7 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     k = args.codebook_size
     n_features = args.features or 4 * k
-    features = gaussian_mixture(n_features, args.dim, args.components, generator)
+    if not 1 <= args.intrinsic_dim <= args.dim:
+        raise SystemExit(f"--intrinsic-dim {args.intrinsic_dim} must be in [1, --dim {args.dim}]")
+    features = gaussian_mixture(n_features, args.dim, args.components, args.intrinsic_dim, generator)
     levels = [int(v) for v in args.fsq_levels.split(",")] if args.fsq_levels else (
         default_fsq_levels(k) if args.quantizer == "fsq" else [8, 8, 8, 5, 5, 5])
     cfg = QuantizerConfig(kind=args.quantizer, codebook_size=k, dim=args.dim, seed=args.seed,
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     usage = CodebookUsage(k, window_tokens=n_features)  # training-time usage over the last pass of features
     curve: list[tuple[int, float]] = []
     print(f"collapse demo: {args.quantizer} K={k} dim={args.dim} features={n_features} steps={args.steps} "
-          f"batch={args.batch} lr={args.lr}", flush=True)
+          f"batch={args.batch} lr={args.lr} intrinsic_dim={args.intrinsic_dim}", flush=True)
     for step in range(1, args.steps + 1):
         batch = features[torch.randint(n_features, (args.batch,), generator=generator)]
         out = quantizer(batch)
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         plot(args.plot, curve, quantizer, features, f"{args.quantizer}, K={k}")
     result = {
         "quantizer": args.quantizer, "codebook_size": k, "dim": args.dim, "steps": args.steps,
-        "features": n_features, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+        "features": n_features, "intrinsic_dim": args.intrinsic_dim, "batch": args.batch, "lr": args.lr, "seed": args.seed,
         "utilization": figures["utilization"], "perplexity": figures["perplexity"],
         "dead_codes": int(figures["dead_codes"]), "top1pct_share": figures["top1pct_share"],
         "feature_mse": mse / features.numel(), "seconds": round(time.perf_counter() - start, 2),

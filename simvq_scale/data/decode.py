@@ -101,6 +101,8 @@ def decode_audio(sample: dict, sample_rate: int, segment_seconds: float, train: 
                  rng: np.random.Generator) -> torch.Tensor:
     data = _field(sample, AUDIO_FIELDS)
     length = round(segment_seconds * sample_rate)
+    if not data:
+        raise BadSample("empty_audio", str(sample.get("__key__")))
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate, frames = f.samplerate, f.frames

@@ -82,8 +82,32 @@ class DiscriminatorConfig:
 
 
 @dataclass
+class AudioModelConfig:
+    # WavTokenizer-style codec of the SimVQ code: SEANet encoder (EnCodec) -> tokens of width
+    # quantizer.dim; Vocos backbone (pre-net + ConvNeXt) -> iSTFT head -> waveform of the input's length.
+    encoder_filters: int = 32  # SEANet base width, doubled at every stride
+    strides: list[int] = field(default_factory=lambda: [8, 5, 4, 2])  # product = samples per token (320)
+    residual_layers: int = 1  # SEANet residual blocks per stride
+    lstm_layers: int = 2
+    causal: bool = True  # causal (left) padding in the encoder convs, as the reference config
+    decoder_dim: int = 768
+    intermediate_dim: int = 2304
+    num_blocks: int = 12  # ConvNeXt blocks
+    prenet: bool = True  # the reference's residual + attention pre-net in front of the ConvNeXt blocks
+    prenet_dropout: float = 0.1
+    n_fft: int = 1280
+    hop: int = 320  # iSTFT hop; must equal the product of strides
+    mpd_periods: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])
+    mpd_channels: list[int] = field(default_factory=lambda: [32, 128, 512, 1024, 1024])
+    mrd_resolutions: list[list[int]] = field(  # (n_fft, hop, win) of WavTokenizer's multi-resolution D
+        default_factory=lambda: [[1024, 256, 1024], [2048, 512, 2048], [512, 128, 512]])
+    mrd_channels: int = 64
+
+
+@dataclass
 class ModelConfig:
     image: ImageModelConfig = field(default_factory=ImageModelConfig)
+    audio: AudioModelConfig = field(default_factory=AudioModelConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     ema_decay: float = 0.999  # EMA of the generator weights, used for evaluation and export
     channels_last: bool = True  # NHWC convolutions on GPU
@@ -99,6 +123,12 @@ class LossConfig:
     adv_weight: float = 0.1  # generator's adversarial weight (fixed, as the SimVQ config)
     adaptive_adv_weight: bool = False  # taming's adaptive weight instead of the fixed one
     disc_start: int = 0  # step at which the adversarial terms switch on
+    # audio (the adversarial weight is adv_weight; the reference's commit weight 1000 is set in configs/audio_*)
+    mel_weight: float = 45.0  # L1 between log-mel spectrograms
+    feature_matching_weight: float = 1.0
+    mel_n_fft: int = 1024
+    mel_hop: int = 256
+    mel_n_mels: int = 100
 
 
 @dataclass

@@ -116,8 +116,8 @@ def test_patchgan_is_per_sample_so_batch_split_does_not_matter():
 
 def test_build_discriminator_names_unsupported_modality():
     cfg = Config()
-    cfg.data.modality = "audio"
-    with pytest.raises(ValueError, match="data.modality='audio'"):
+    cfg.data.modality = "video"
+    with pytest.raises(ValueError, match="data.modality='video'"):
         build_discriminator(cfg)
     with pytest.raises(ValueError, match="channels=40"):
         PatchGANDiscriminator(channels=40)

@@ -11,4 +11,8 @@ def build_objective(cfg: Config) -> nn.Module:
         from simvq_scale.losses.gan_image import ImageGANObjective
 
         return ImageGANObjective(cfg.loss)
+    if cfg.data.modality == "audio":
+        from simvq_scale.losses.gan_audio import AudioGANObjective
+
+        return AudioGANObjective(cfg.loss, cfg.data.sample_rate)
     raise ValueError(f"no objective for data.modality={cfg.data.modality!r}")

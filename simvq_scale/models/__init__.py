@@ -11,4 +11,8 @@ def build_generator(cfg: Config, quantizer: nn.Module) -> nn.Module:
         from simvq_scale.models.image import build_image_autoencoder
 
         return build_image_autoencoder(cfg.model.image, quantizer)
+    if cfg.data.modality == "audio":
+        from simvq_scale.models.audio import build_audio_autoencoder
+
+        return build_audio_autoencoder(cfg.model.audio, quantizer)
     raise ValueError(f"no generator for data.modality={cfg.data.modality!r}")

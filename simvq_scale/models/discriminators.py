@@ -60,4 +60,8 @@ def build_discriminator(cfg: Config) -> nn.Module:
     if cfg.data.modality == "image":
         d = cfg.model.discriminator
         return PatchGANDiscriminator(cfg.model.image.in_channels, d.channels, d.layers)
-    raise ValueError(f"no discriminator for data.modality={cfg.data.modality!r} (image only so far)")
+    if cfg.data.modality == "audio":
+        from simvq_scale.models.audio_discriminators import build_audio_discriminator
+
+        return build_audio_discriminator(cfg.model.audio)
+    raise ValueError(f"no discriminator for data.modality={cfg.data.modality!r}")

@@ -58,7 +58,7 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if rank_and_world()[1] > 1:
         dist.all_reduce(t)
     return t
@@ -96,7 +96,7 @@ class MeanSums:
 
     def reduce(self) -> dict[str, tuple[float | None, int]]:
         """name -> (global mean or None when nothing was counted, global count)."""
-        total = _all_reduce(self.table.clone()).cpu()
+        total = all_reduce_sum(self.table.clone()).cpu()
         return {n: (float(s / c) if c > 0 else None, int(c)) for n, (s, c) in zip(self.names, total.tolist())}
 
 
@@ -179,10 +179,10 @@ class AudioEvaluator:
     def compute(self) -> dict[str, float | None]:
         means = self.means.reduce()
         figures = {name: mean for name, (mean, _) in means.items() if name not in self.unavailable}
-        confusion = _all_reduce(self.confusion.clone()).cpu()
+        confusion = all_reduce_sum(self.confusion.clone()).cpu()
         if "vuv_f1" not in self.unavailable:
             figures["vuv_f1"] = audio_metrics.f1_from_confusion(confusion)
-        no_speech = int(_all_reduce(self.pesq_no_speech.clone()).item())
+        no_speech = int(all_reduce_sum(self.pesq_no_speech.clone()).item())
         if no_speech:
             self.notes["pesq_wb_left_out"] = (f"{no_speech} clips without detectable speech left out of PESQ")
         return figures
@@ -244,7 +244,7 @@ def skipped_counts(loader: ShardLoader) -> dict[str, int]:
 
 def global_code_counts(usage: CodebookUsage) -> torch.Tensor:
     """(K,) how often each code was chosen over the whole set, all ranks summed."""
-    return _all_reduce(usage.counts.clone()).cpu()
+    return all_reduce_sum(usage.counts.clone()).cpu()
 
 
 def evaluate(tokenizer: Tokenizer, loader: ShardLoader, networks: MetricNetworks | None = None,
@@ -274,7 +274,7 @@ def evaluate(tokenizer: Tokenizer, loader: ShardLoader, networks: MetricNetworks
     figures = evaluator.compute()
     codebook = usage.reduce()
     figures = {"utilization": codebook["utilization"], "perplexity": codebook["perplexity"], **figures}
-    samples = int(_all_reduce(torch.tensor([samples], dtype=torch.long, device=device)).item())
+    samples = int(all_reduce_sum(torch.tensor([samples], dtype=torch.long, device=device)).item())
     return {
         "checkpoint": tokenizer.source, "step": tokenizer.step, "modality": modality,
         "codebook_size": tokenizer.codebook_size, "world_size": world, "samples": samples,

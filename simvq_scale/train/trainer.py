@@ -111,7 +111,15 @@ class Trainer:
             "world_size": self.world,
             "precision": "bf16" if self.bf16 else "fp32",
             "device": self.device.type,
-        }
+        } | self._bitrate()
+
+    def _bitrate(self) -> dict:
+        """Audio: bits per second of the token stream, tokens/s * log2(codebook size)."""
+        if self.cfg.data.modality != "audio":
+            return {}
+        tokens_per_second = self.tokens_per_sample / self.cfg.data.segment_seconds
+        return {"tokens_per_second": tokens_per_second,
+                "bitrate_bps": tokens_per_second * math.log2(self.quantizer.codebook_size)}
 
     # ------------------------------------------------------------------ set-up
 
@@ -371,6 +379,12 @@ class Trainer:
             n = min(8, x.shape[0])
             grid = torchvision.utils.make_grid(torch.cat([x[:n], x_hat[:n].float()]).add(1).div(2), nrow=n)
             self.logger.image(self.step, "recon/val", grid)
+        if x.dim() == 2:  # audio: a couple of clips, and their log-mels (input above reconstruction)
+            n = min(2, x.shape[0])
+            for i in range(n):
+                self.logger.audio(self.step, f"recon/audio_input_{i}", x[i], self.cfg.data.sample_rate)
+                self.logger.audio(self.step, f"recon/audio_recon_{i}", x_hat[i].float(), self.cfg.data.sample_rate)
+            self.logger.image(self.step, "recon/mel", _mel_image(self.objective.log_mel, x[:n], x_hat[:n].float()))
 
     def _fixed_batch(self) -> torch.Tensor:
         data = self.cfg.data
@@ -380,6 +394,15 @@ class Trainer:
         else:
             batch = next(self.batches)
         return batch["x"][:8].to(self.device)
+
+
+def _mel_image(log_mel: nn.Module, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """(1, H, W) grey image: per example the log-mel of x above that of x_hat, low frequencies at the
+    bottom, scaled to [0, 1] by the input's range so the two are comparable."""
+    mel, mel_hat = log_mel(x), log_mel(x_hat)  # (n, n_mels, frames)
+    low, high = mel.amin(), mel.amax()
+    rows = [m.flip(0) for pair in zip(mel, mel_hat) for m in pair]
+    return ((torch.cat(rows, dim=0) - low) / (high - low).clamp(min=1e-6)).clamp(0, 1).unsqueeze(0)
 
 
 def _share_frozen_buffers(ema: nn.Module, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,6 +1,7 @@
 """Loaders over real tar shards: eval exactly-once across ranks, bad data, determinism, audio, gloo run."""
 
 import io
+import itertools
 import tarfile
 from collections import Counter
 
@@ -103,10 +104,10 @@ def test_train_stream_is_deterministic_for_seed_and_resume_counter(image_shards)
 
 def test_shard_order_splits_each_pass_between_slots():
     slots, shards = 6, 20
-    orders = [list(__import__("itertools").islice(shard_order(shards, 3, 0, s, slots), 10)) for s in range(slots)]
+    orders = [list(itertools.islice(shard_order(shards, 3, 0, s, slots), 10)) for s in range(slots)]
     flat = [orders[s][i] for i in range(10) for s in range(slots)]  # the global sequence, in position order
     assert sorted(flat[:shards]) == list(range(shards)) and sorted(flat[shards:2 * shards]) == list(range(shards))
-    assert orders != [list(__import__("itertools").islice(shard_order(shards, 3, 1, s, slots), 10)) for s in range(slots)]
+    assert orders != [list(itertools.islice(shard_order(shards, 3, 1, s, slots), 10)) for s in range(slots)]
 
 
 def test_ranks_get_different_streams(image_shards):

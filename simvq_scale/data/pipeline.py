@@ -253,7 +253,8 @@ def build_train_loader(cfg: DataConfig, batch_size: int, rank: int, world_size: 
     Reads `cfg.train_shards` with `cfg.workers` DataLoader workers (0: in this process).
     `resume_counter` (e.g. the number of restarts, or the step at which the run resumed) reseeds the
     shard order, shuffle and crops, so a resumed run does not replay its first batches.
-    Bad data is skipped; `loader.skipped()` returns the counts by reason.
+    Bad data is skipped; `loader.skipped()` returns the counts by reason. Iterate it once: every new
+    `iter()` starts the stream again from the same seed (pass a new resume_counter to continue instead).
     """
     _check_setup(cfg, batch_size, rank, world_size)
     shards = expand_shards(cfg.train_shards)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchaudio.functional as AF
@@ -57,7 +58,8 @@ def pesq_wb(reference: torch.Tensor, degraded: torch.Tensor, rate: int) -> list[
     scores: list[float | None] = []
     for r, d in zip(ref, deg):
         try:
-            scores.append(float(pesq(PESQ_RATE, r, d, "wb")))
+            with np.errstate(invalid="ignore", divide="ignore"):  # pesq normalises a silent clip by 0 before refusing it
+                scores.append(float(pesq(PESQ_RATE, r, d, "wb")))
         except PesqError:
             scores.append(None)
     return scores

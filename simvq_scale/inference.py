@@ -73,15 +73,19 @@ class Tokenizer:
         return self.generator.encode(self._input(x))
 
     @torch.no_grad()
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """Code ids (B, *token grid) -> images or waveforms, equal to reconstruct's output for the same ids."""
+    def decode(self, ids: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """Code ids (B, *token grid) -> images or waveforms, equal to reconstruct's output for the same ids.
+
+        A waveform decodes to (tokens x hop) samples; `length` cuts it to the original input's length,
+        which is what reconstruct returns."""
         if ids.dtype.is_floating_point:
             raise TypeError(f"decode takes integer code ids, got dtype {ids.dtype}")
         ids = ids.to(self.device, torch.long)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.codebook_size):
             raise ValueError(f"code ids span [{int(ids.min())}, {int(ids.max())}], outside the codebook of "
                              f"{self.codebook_size}")
-        return self.generator.decode_indices(ids)
+        out = self.generator.decode_indices(ids)
+        return out if length is None else out[..., :length]
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

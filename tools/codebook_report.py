@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from simvq_scale.eval.runner import (WHOLE_SET_WINDOW, add_common_arguments, all_reduce_sum, encoded_batches,
-                                     global_code_counts, rank_and_world, start_tool, tool_loader)
+                                     finish_tool, global_code_counts, rank_and_world, start_tool, tool_loader)
 from simvq_scale.quant.stats import CodebookUsage, weight_spectrum
 
 
@@ -87,9 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     figures = usage.reduce()  # collectives: every rank
     counts = global_code_counts(usage)
     samples = int(all_reduce_sum(torch.tensor([samples], dtype=torch.long, device=tokenizer.device)).item())
-    if rank_and_world()[0] != 0:
-        return 0
-    out = Path(args.out)
+    if rank_and_world()[0] == 0:
+        write_report(tokenizer, figures, counts, samples, Path(args.out))
+    finish_tool()
+    return 0
+
+
+def write_report(tokenizer, figures: dict, counts: torch.Tensor, samples: int, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": tokenizer.source, "step": tokenizer.step, "codebook_size": tokenizer.codebook_size,
               "samples": samples, "tokens": int(figures.pop("window_tokens")), **figures,
@@ -106,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "codebook_report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"utilization {report['utilization']:.4f}, perplexity {report['perplexity']:.1f} over "
           f"{report['tokens']} tokens of {report['samples']} samples; wrote {out}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from simvq_scale.eval.runner import (SKIPPABLE, MetricNetworks, add_common_arguments, evaluate, markdown_table,
-                                     rank_and_world, start_tool, tool_loader)
+                                     finish_tool, rank_and_world, start_tool, tool_loader)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(report, indent=2) + "\n")
             out.with_suffix(".md").write_text(table)
             print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    finish_tool()
     return 0
 
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch.distributed as dist
 from webdataset import TarWriter
 
-from simvq_scale.eval.runner import (add_common_arguments, encoded_batches, rank_and_world, skipped_counts,
-                                     start_tool, tool_loader)
+from simvq_scale.eval.runner import (add_common_arguments, encoded_batches, finish_tool, rank_and_world,
+                                     skipped_counts, start_tool, tool_loader)
 
 
 class RankShardWriter:
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "tokens.json").write_text(json.dumps(manifest, indent=2) + "\n")
         print(f"wrote {manifest['samples']} token grids of shape {manifest['token_shape']} in "
               f"{len(manifest['shards'])} shards to {out}", file=sys.stderr)
+    finish_tool()
     return 0
 
 

@@ -358,3 +358,11 @@ def tool_loader(tokenizer: Tokenizer, args) -> ShardLoader:
     rank, world = rank_and_world()
     data = dataclasses.replace(tokenizer.config.data, workers=args.workers)
     return limited_eval_loader(data, args.data, args.batch_size, rank, world, args.max_samples)
+
+
+def finish_tool() -> None:
+    """Wait for every rank, then leave the process group cleanly (a group left to interpreter teardown
+    can abort a rank that exits while another is still writing)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -110,7 +110,7 @@ class ModelConfig:
     audio: AudioModelConfig = field(default_factory=AudioModelConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     ema_decay: float = 0.999  # EMA of the generator weights, used for evaluation and export
-    channels_last: bool = True  # NHWC convolutions on GPU
+    channels_last: bool = True  # NHWC activations on GPU (weights stay NCHW: DeepSpeed flattens them)
     compile: bool = False  # torch.compile the generator and discriminator
 
 

@@ -70,8 +70,10 @@ def gan_steps_worker(rank, world_size, overrides):
     }
 
 
-def test_gan_step_under_zero2_touches_only_its_own_network(demo_data, tmp_path):
-    results = run_distributed(gan_steps_worker, 2, tiny_overrides(demo_data, tmp_path / "run"), timeout_s=300)
+@pytest.mark.parametrize("shard_group", ["none", "world"])
+def test_gan_step_under_zero2_touches_only_its_own_network(demo_data, tmp_path, shard_group):
+    overrides = tiny_overrides(demo_data, tmp_path / "run", f"quantizer.shard.group={shard_group}")
+    results = run_distributed(gan_steps_worker, 2, overrides, timeout_s=300)
     for r in results:
         assert r["g_step_moved_g"] and r["g_step_left_d"] and r["d_grads_after_g"] == 0
         assert r["d_step_moved_d"] and r["d_step_left_g"]

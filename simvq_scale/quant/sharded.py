@@ -33,6 +33,7 @@ Failures never leave the group hanging:
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import tempfile
@@ -192,6 +193,16 @@ class ShardedCodebook(nn.Module):
         self.register_buffer("shard_stops", torch.tensor(stops, dtype=torch.int64), persistent=False)
 
     @torch.no_grad()
+    def __deepcopy__(self, memo):
+        # a copy (the trainer's EMA generator) searches in the same group: the process group is a
+        # handle to share, not state to copy (and it cannot be pickled)
+        memo[id(self.group)] = self.group
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            copied.__dict__[key] = copy.deepcopy(value, memo)
+        return copied
+
     def nearest(self, z: torch.Tensor, project) -> torch.Tensor:
         """Global indices of the nearest projected code, project(C), for each row of z (N, d). Collective."""
         codes = project(self.weight)

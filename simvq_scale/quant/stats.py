@@ -45,16 +45,20 @@ class CodebookUsage:
         self.counts = torch.zeros(stop - start, dtype=torch.long)
 
     def _bincount(self, local: torch.Tensor) -> torch.Tensor:
-        return torch.bincount(local, minlength=self.stop - self.start)
+        # scatter_add rather than torch.bincount, which reads the maximum back to the host on CUDA
+        counts = torch.zeros(self.stop - self.start, dtype=torch.long, device=local.device)
+        return counts.scatter_add_(0, local, torch.ones_like(local))
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor) -> None:
         """Count one step's indices (any shape, global code numbers); forget steps no longer needed."""
         flat = indices.detach().reshape(-1).long()
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.codebook_size):
+        if flat.device.type == "cpu" and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.codebook_size):
+            # checked on the CPU only: on a GPU the check would cost a host sync every step
             raise ValueError(f"code indices span [{int(flat.min())}, {int(flat.max())}], "
                              f"outside a codebook of {self.codebook_size}")
-        local = flat[(flat >= self.start) & (flat < self.stop)] - self.start
+        # the whole codebook needs no mask (boolean indexing syncs with the host)
+        local = flat if self.whole else flat[(flat >= self.start) & (flat < self.stop)] - self.start
         if self.counts.device != local.device:
             self.counts = self.counts.to(local.device)
         self.counts += self._bincount(local)

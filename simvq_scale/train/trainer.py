@@ -151,9 +151,6 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, out / "config.yaml")
         dist.barrier()
-        if self.device.type == "cuda" and cfg.model.channels_last and cfg.data.modality == "image":
-            self.generator.to(memory_format=torch.channels_last)
-            self.discriminator.to(memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self.ema_buffers = _share_frozen_buffers(self.ema, self.generator)
         self.objective = build_objective(cfg).to(self.device)

@@ -122,7 +122,9 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Toke
 
 
 def export_generator(generator: nn.Module, cfg: Config, step: int, path: str | Path) -> Path:
-    """Write the export format of Trainer.export (for tools and tests that build a model outside training)."""
+    """The export format: the generator's weights and config in one file, written atomically (by rename)."""
     path = Path(path)
-    torch.save({"config": dataclasses.asdict(cfg), "step": step, "generator": generator.state_dict()}, path)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"config": dataclasses.asdict(cfg), "step": step, "generator": generator.state_dict()}, tmp)
+    tmp.replace(path)
     return path

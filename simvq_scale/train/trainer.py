@@ -28,6 +28,7 @@ from torch import nn
 from simvq_scale import distributed as D
 from simvq_scale.config import Config, dump_config, micro_batch_and_accumulation, to_dict
 from simvq_scale.data import build_eval_loader, build_train_loader
+from simvq_scale.inference import export_generator
 from simvq_scale.losses import build_objective
 from simvq_scale.models import build_generator
 from simvq_scale.models.discriminators import build_discriminator
@@ -207,9 +208,7 @@ class Trainer:
 
     def export(self, path: Path) -> None:
         """The EMA generator in one file, loadable without DeepSpeed (simvq_scale.inference)."""
-        tmp = path.with_suffix(".tmp")
-        torch.save({"config": to_dict(self.cfg), "step": self.step, "generator": self.ema.state_dict()}, tmp)
-        tmp.replace(path)
+        export_generator(self.ema, self.cfg, self.step, path)
 
     def _start_stream(self, start_step: int) -> None:
         self.stream_start = start_step

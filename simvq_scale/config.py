@@ -111,7 +111,6 @@ class ModelConfig:
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     ema_decay: float = 0.999  # EMA of the generator weights, used for evaluation and export
     channels_last: bool = True  # NHWC activations on GPU (weights stay NCHW: DeepSpeed flattens them)
-    compile: bool = False  # torch.compile the generator and discriminator
 
 
 @dataclass

@@ -157,9 +157,6 @@ class Trainer:
         self.objective = build_objective(cfg).to(self.device)
         self.engine_g = self._engine(self.generator, cfg.optim.lr, cfg.optim.zero_stage_g)
         self.engine_d = self._engine(self.discriminator, cfg.optim.disc_lr or cfg.optim.lr, cfg.optim.zero_stage_d)
-        if cfg.model.compile:
-            self.engine_g.compile()
-            self.engine_d.compile()
         self.usage = CodebookUsage(self.quantizer.codebook_size, cfg.quantizer.usage_window_tokens)
         self.checkpointer = Checkpointer(out, cfg.train.keep_last)
         self.logger = RunLogger(out) if D.is_main() else NoOpLogger()

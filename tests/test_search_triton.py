@@ -59,7 +59,7 @@ def make_case(kind: str, n: int, k: int, d: int, seed: int, device: str = "cpu")
 
 def check_case(kind: str, n: int, k: int, d: int, seed: int, device: str = "cpu") -> dict:
     z, codes, planted = make_case(kind, n, k, d, seed, device)
-    dist, idx, fallback = search_triton.search_with_stats(z, codes)
+    dist, idx, fallback = search_triton.search_with_stats(z, codes, **search_triton.fit_tiles(d))
     ref_dist, ref_idx = nearest_code_torch(z, codes)
     excess, tolerance = search_triton.fp64_excess(z, codes, idx)
     planted_tokens = sorted(planted)
@@ -81,6 +81,7 @@ INTERPRET_CASES = [
     ("duplicates", 40, 640, 32, 3),
     ("near_ties", 64, 500, 32, 4),
     ("huge_norms", 64, 700, 32, 5),
+    ("random", 40, 333, 512, 6),  # audio width: smaller tiles, fewer stages
 ]
 
 
@@ -125,6 +126,16 @@ def test_margin_grows_with_rounding_and_norms():
     assert (base > 0).all()
 
 
+def test_tiles_fit_shared_memory_for_every_width():
+    for dim in (16, 128, 256, 512, 1000, 1024):
+        t = search_triton.fit_tiles(dim)
+        block_d = max(16, 1 << (dim - 1).bit_length())
+        assert (t["block_m"] + t["block_k"] * t["num_stages"]) * block_d * 2 <= search_triton.SHARED_MEMORY_BUDGET
+    assert search_triton.fit_tiles(128) == {"block_m": 128, "block_k": 64, "num_warps": 4, "num_stages": 4}
+    with pytest.raises(ValueError, match="4096"):
+        search_triton.fit_tiles(4096)
+
+
 def test_shape_errors_name_the_shapes():
     with pytest.raises(ValueError, match=r"\(4, 8\).*\(5, 7\)"):
         search_triton.search_with_stats(torch.zeros(4, 8), torch.zeros(5, 7))
@@ -139,7 +150,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @gpu
 @pytest.mark.parametrize("kind,n,k,d", [("random", 4096, 100_003, 128), ("random", 1000, 5_000, 64),
                                         ("duplicates", 512, 65_536, 128), ("near_ties", 2048, 50_000, 128),
-                                        ("huge_norms", 2048, 70_001, 128)])
+                                        ("huge_norms", 2048, 70_001, 128), ("random", 1500, 262_144, 512)])
 def test_gpu_fused_search_is_exact(kind, n, k, d):
     result = check_case(kind, n, k, d, seed=11, device="cuda")
     assert result["wrong"] == 0 and result["planted_wrong"] == 0 and result["in_range"], result

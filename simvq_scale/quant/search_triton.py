@@ -301,9 +301,36 @@ def search_with_stats(z: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tens
     return dist, idx, int(redo.numel())
 
 
+# Shared memory the tile pipeline may take: Hopper allows 227 KiB a block; leave the rest to the compiler.
+SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def fit_tiles(dim: int, block_m: int = 128, block_k: int = 64, num_stages: int = 4) -> dict:
+    """The tuned tiles (d = 128 on the H100), shrunk for wide codes until the pipeline's fp16 buffers fit.
+
+    The kernel holds one token tile and `num_stages` code tiles of the full padded width:
+    (block_m + block_k * num_stages) * block_d * 2 bytes. Shrink the stages first (to 2), then
+    the code tile (to 32), then the token tile (to 32).
+    """
+    block_d = max(16, _next_pow2(dim))
+
+    def need() -> int:
+        return (block_m + block_k * num_stages) * block_d * 2
+
+    while need() > SHARED_MEMORY_BUDGET and num_stages > 2:
+        num_stages -= 1
+    while need() > SHARED_MEMORY_BUDGET and block_k > 32:
+        block_k //= 2
+    while need() > SHARED_MEMORY_BUDGET and block_m > 32:
+        block_m //= 2
+    if need() > SHARED_MEMORY_BUDGET:
+        raise ValueError(f"code dimension {dim} is too wide for the fused search's tiles; use search_impl=torch")
+    return {"block_m": block_m, "block_k": block_k, "num_warps": 4, "num_stages": num_stages}
+
+
 def nearest_code_triton(z: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tensor | None = None):
     """(min distance without ||z||^2 (fp32), argmin index (int64)) for each row of z over codes."""
-    dist, idx, _ = search_with_stats(z, codes, codes_sq)
+    dist, idx, _ = search_with_stats(z, codes, codes_sq, **fit_tiles(z.shape[1]))
     return dist, idx
 
 

@@ -48,6 +48,9 @@ class QuantizerConfig:
     lfq_diversity_gamma: float = 1.0
     lc_features: str = ""  # lc: .npy of frozen code features (K x feature_dim)
     usage_window_tokens: int = 1_048_576  # tokens over which utilization is counted
+    # SimVQ: start W, b so the projected codes have the first batch's per-dimension mean and spread;
+    # an encoder whose tokens barely differ at init (SEANet) otherwise sends every token to one code
+    init_from_data: bool = False
     shard: ShardConfig = field(default_factory=ShardConfig)
 
 

@@ -63,3 +63,17 @@ def test_bf16_autocast_still_searches_in_fp32():
     bf16_scores = (codes.bfloat16().float().pow(2).sum(1) - 2 * (z.bfloat16() @ codes.bfloat16().T).float())
     assert not torch.equal(bf16_scores.argmin(1), reference)
     assert out.z_q.dtype == torch.float32
+
+
+def test_init_from_tokens_spreads_near_constant_tokens_over_the_codebook():
+    # tokens that barely differ (as a fresh SEANet encoder's) all land on one code of the default
+    # SimVQ start; the data-dependent start gives the codes the tokens' mean and spread
+    from simvq_scale.quant.simvq import SimVQ
+
+    torch.manual_seed(0)
+    tokens = 0.7 + 1e-3 * torch.randn(2000, 16)
+    quantizer = SimVQ(512, 16)
+    assert quantizer(tokens).indices.unique().numel() == 1
+    quantizer.init_from_tokens(tokens.mean(0), tokens.std(0))
+    assert quantizer(tokens).indices.unique().numel() > 100
+    assert torch.linalg.matrix_rank(quantizer.proj.weight) == 16  # W stays full rank

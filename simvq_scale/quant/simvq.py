@@ -48,6 +48,14 @@ class SimVQ(Quantizer):
         self.codebook = codebook or LocalCodebook(codebook_size, dim, seed, train_codebook, chunk_size, search_impl)
         self.proj = nn.Linear(dim, dim, bias=bias)  # W: the only trained part of the codes
 
+    @torch.no_grad()
+    def init_from_tokens(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Data-dependent start: W = diag(std * sqrt(d)), b = mean, so the codes C W^T + b, with C's
+        entries of std d^-1/2, are distributed like the tokens (per dimension)."""
+        self.proj.weight.copy_(torch.diag(std.float() * self.dim**0.5))
+        if self.proj.bias is not None:
+            self.proj.bias.copy_(mean.float())
+
     def project(self, rows: torch.Tensor) -> torch.Tensor:
         # fp32 whatever autocast is active, so forward's q and decode_indices agree bit for bit
         with exact_fp32(rows.device.type):

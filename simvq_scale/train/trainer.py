@@ -152,6 +152,8 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, out / "config.yaml")
         dist.barrier()
+        if cfg.quantizer.init_from_data:
+            self._init_quantizer_from_data()
         self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self.ema_buffers = _share_frozen_buffers(self.ema, self.generator)
         self.objective = build_objective(cfg).to(self.device)
@@ -170,6 +172,26 @@ class Trainer:
             _guard_gradients(self.discriminator, self.finite_d)
         self.step, self.samples_seen = 0, 0
         self.stream_start = 0  # step at which the current data stream was seeded (its resume counter)
+
+    @torch.no_grad()
+    def _init_quantizer_from_data(self) -> None:
+        """quantizer.init_from_data: W and b from the encoder's tokens on one batch per rank (all ranks'
+        statistics), before the engines exist (ZeRO keeps its own master copy of the weights after)."""
+        init = getattr(self.quantizer, "init_from_tokens", None)
+        if init is None:
+            raise ValueError(f"quantizer.init_from_data is set but quantizer.kind={self.cfg.quantizer.kind!r} "
+                             "has no data-dependent start (SimVQ has)")
+        batch = next(iter(build_train_loader(self.cfg.data, self.micro_batch, self.rank, self.world)))
+        with self._autocast():
+            z = self.generator.encoder(batch["x"].to(self.device))
+        tokens = z.float().movedim(1, -1).reshape(-1, z.shape[1])
+        moments = torch.cat([tokens.sum(0), tokens.pow(2).sum(0), tokens.new_tensor([tokens.shape[0]])])
+        dist.all_reduce(moments)
+        dim = tokens.shape[1]
+        count = moments[-1]
+        mean = moments[:dim] / count
+        std = (moments[dim : 2 * dim] / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6)
+        init(mean, std)
 
     # ------------------------------------------------------------------ state
 
@@ -350,10 +372,11 @@ class Trainer:
             self.logger.histogram(self.step, "W/singular_values", spectrum["singular_values"])
         self._log_reconstructions()
         total = time.perf_counter() - run_start
+        recon_tag = "loss/recon" if "loss/recon" in values else "loss/mel"
         eta = total / max(1, self.step - first_step) * (self.cfg.train.steps - self.step)
         self.logger.console(
             f"step {self.step}/{self.cfg.train.steps} "
-            f"g {values.get('loss/total_g', float('nan')):.4f} recon {values.get('loss/recon', float('nan')):.4f} "
+            f"g {values.get('loss/total_g', float('nan')):.4f} {recon_tag[5:]} {values.get(recon_tag, float('nan')):.4f} "
             f"d {values.get('loss/d', 0.0):.4f} util {usage['utilization']:.4f} ppl {usage['perplexity']:.1f} "
             f"| {values['perf/samples_per_s']:.1f} samples/s data-wait {values['perf/data_wait_frac']:.0%} "
             f"| eta {format_eta(eta)}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass, field
 
 import torch
@@ -16,17 +18,19 @@ class QuantizerOutput:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for logging
 
 
-class Quantizer(nn.Module):
+class Quantizer(nn.Module, abc.ABC):
     """forward(z: (..., dim)) -> QuantizerOutput; decode_indices(indices) -> (..., dim)."""
 
     codebook_size: int
     dim: int
 
-    def forward(self, z: torch.Tensor) -> QuantizerOutput:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        """Quantize the last dimension of z; z_q carries the straight-through gradient."""
 
-    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """The codes of `indices`, equal to what forward returned as z_q for them."""
 
 
 def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -403,13 +403,14 @@ class Trainer:
             self.logger.image(self.step, "recon/mel", _mel_image(self.objective.log_mel, x[:n], x_hat[:n].float()))
 
     def _fixed_batch(self) -> torch.Tensor:
+        """The first validation batch, or without validation shards the first batch of a fresh training
+        stream (never one of the live stream: that would shift the data a resumed run sees)."""
         data = self.cfg.data
         if data.val_shards:
             loader = build_eval_loader(data, data.val_shards, min(8, self.micro_batch), self.rank, self.world)
-            batch = next(iter(loader))
         else:
-            batch = next(self.batches)
-        return batch["x"][:8].to(self.device)
+            loader = build_train_loader(data, self.micro_batch, self.rank, self.world)
+        return next(iter(loader))["x"][:8].to(self.device)
 
 
 def _mel_image(log_mel: nn.Module, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,7 @@ class Trainer:
         self.generator = build_generator(cfg, self.quantizer).to(device)
         self.discriminator = build_discriminator(cfg).to(device)
         self.tokens_per_sample, self.flops_per_sample = self._measure_shapes()
+        self.checkpointer = Checkpointer(Path(cfg.train.out_dir), cfg.train.keep_last)
 
     @torch.no_grad()
     def _measure_shapes(self) -> tuple[int, float]:
@@ -145,14 +146,15 @@ class Trainer:
                                                config=ds_config)
         return engine
 
-    def _setup(self) -> None:
+    def _setup(self, resuming: bool = False) -> None:
+        """Build everything; `resuming`: a checkpoint will overwrite the weights, so skip the data-dependent start."""
         cfg = self.cfg
         out = Path(cfg.train.out_dir)
         if D.is_main():
             out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, out / "config.yaml")
         dist.barrier()
-        if cfg.quantizer.init_from_data:
+        if cfg.quantizer.init_from_data and not resuming:
             self._init_quantizer_from_data()
         self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self.ema_buffers = _share_frozen_buffers(self.ema, self.generator)
@@ -160,7 +162,6 @@ class Trainer:
         self.engine_g = self._engine(self.generator, cfg.optim.lr, cfg.optim.zero_stage_g)
         self.engine_d = self._engine(self.discriminator, cfg.optim.disc_lr or cfg.optim.lr, cfg.optim.zero_stage_d)
         self.usage = CodebookUsage(self.quantizer.codebook_size, cfg.quantizer.usage_window_tokens)
-        self.checkpointer = Checkpointer(out, cfg.train.keep_last)
         self.logger = RunLogger(out) if D.is_main() else NoOpLogger()
         # the non-finite guard: under nan_policy=skip a step whose loss is not finite contributes zero
         # gradients (decided on the device, no host sync); its count is read at log steps
@@ -199,12 +200,7 @@ class Trainer:
         return {"step": self.step, "samples_seen": self.samples_seen, "stream_start": self.stream_start,
                 "world_size": self.world, "ema": self.ema.state_dict(), "config": to_dict(self.cfg)}
 
-    def _restore(self, resume: str | None) -> None:
-        found = self.checkpointer.resolve(resume)
-        if found is None:
-            if resume and resume != "auto":
-                raise FileNotFoundError(f"--resume {resume}: nothing to resume")
-            return
+    def _restore(self, found: tuple[Path, str]) -> None:
         root, tag = found
         client, rank_state = Checkpointer.load(root, tag, self.engine_g, self.engine_d)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
@@ -299,8 +295,12 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self, resume: str | None = None) -> None:
-        self._setup()
-        self._restore(resume)
+        found = self.checkpointer.resolve(resume)
+        if found is None and resume and resume != "auto":
+            raise FileNotFoundError(f"--resume {resume}: nothing to resume")
+        self._setup(resuming=found is not None)
+        if found is not None:
+            self._restore(found)
         self._start_stream(self.stream_start)
         self.engine_g.train()
         self.engine_d.train()

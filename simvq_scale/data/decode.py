@@ -91,7 +91,9 @@ def decode_image(sample: dict, size: int, train: bool, random_resize: bool,
 
 def to_mono_at_rate(audio: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     """(frames, channels) or (frames,) float array -> (frames,) float32 at `target_rate`."""
-    mono = audio.mean(axis=1, dtype=np.float32) if audio.ndim == 2 else audio.astype(np.float32)
+    if audio.ndim == 2:  # a view of the one channel of mono audio: no averaging pass, no copy
+        audio = audio[:, 0] if audio.shape[1] == 1 else audio.mean(axis=1, dtype=np.float32)
+    mono = audio.astype(np.float32, copy=False)
     if rate != target_rate:
         mono = AF.resample(torch.from_numpy(np.ascontiguousarray(mono)), rate, target_rate).numpy()
     return mono

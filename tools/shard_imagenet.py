@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from simvq_scale.data.image_sources import LayoutError, shard_images
+from simvq_scale.data.shards import summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,11 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except (LayoutError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{manifest['total']} samples in {manifest['num_shards']} shards ({manifest['reused_shards']} kept from "
-          f"an earlier run), {len(manifest['class_to_idx'])} classes, {len(manifest['skipped'])} files skipped "
-          f"-> {args.out}/{manifest['prefix']}.json")
-    for item in manifest["skipped"][:10]:
-        print(f"  skipped {item['path']}: {item['reason']}")
+    print(summary(manifest, args.out, "samples", f"{len(manifest['class_to_idx'])} classes, "))
     return 0
 
 

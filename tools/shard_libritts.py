@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from simvq_scale.data.audio_sources import AudioLayoutError, shard_audio
+from simvq_scale.data.shards import summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except (AudioLayoutError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{manifest['total']} clips in {manifest['num_shards']} shards ({manifest['reused_shards']} kept from an "
-          f"earlier run), {len(manifest['skipped'])} files skipped -> {args.out}/{manifest['prefix']}.json")
-    for item in manifest["skipped"][:10]:
-        print(f"  skipped {item['path']}: {item['reason']}")
+    print(summary(manifest, args.out, "clips"))
     return 0
 
 

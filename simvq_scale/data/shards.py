@@ -249,3 +249,12 @@ def shard_pattern(manifest: dict, out_dir: str | Path) -> str:
     n = manifest["num_shards"]
     last = f"{n - 1:06d}"
     return os.path.join(str(out_dir), f"{manifest['prefix']}-{{000000..{last}}}.tar")
+
+
+def summary(manifest: dict, out_dir: str | Path, noun: str, details: str = "", examples: int = 10) -> str:
+    """What a shard tool prints at the end: counts, the manifest's path, the first skipped files."""
+    lines = [f"{manifest['total']} {noun} in {manifest['num_shards']} shards ({manifest['reused_shards']} kept from "
+             f"an earlier run), {details}{len(manifest['skipped'])} files skipped -> {out_dir}/{manifest['prefix']}.json"]
+    lines += [f"  skipped {item['path']}: {item['reason']}" for item in manifest["skipped"][:examples]]
+    return "\n".join(lines)
+

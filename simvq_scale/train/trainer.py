@@ -295,9 +295,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self, resume: str | None = None) -> None:
-        found = self.checkpointer.resolve(resume)
-        if found is None and resume and resume != "auto":
-            raise FileNotFoundError(f"--resume {resume}: nothing to resume")
+        found = self.checkpointer.resolve(resume)  # None: start fresh (a PATH with no checkpoint raises)
         self._setup(resuming=found is not None)
         if found is not None:
             self._restore(found)

@@ -102,10 +102,10 @@ def inference_config(raw: dict, source: str) -> Config:
 
 
 def build_from_config(cfg: Config) -> nn.Module:
-    from simvq_scale.models import build_generator
+    from simvq_scale.modality import get_modality
     from simvq_scale.quant.factory import build_quantizer
 
-    return build_generator(cfg, build_quantizer(cfg.quantizer))
+    return get_modality(cfg.data.modality).build_generator(cfg, build_quantizer(cfg.quantizer))
 
 
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:

@@ -8,10 +8,9 @@ import torch
 from simvq_scale.config import load_config
 from simvq_scale.losses.audio import LogMelSpectrogram, feature_matching_loss, hinge_generator_loss, mel_loss
 from simvq_scale.losses.gan_audio import AudioGANObjective
-from simvq_scale.models import build_generator
+from simvq_scale.modality import get_modality
 from simvq_scale.models.audio import ISTFTHead, SEANetEncoder, build_audio_autoencoder
 from simvq_scale.models.audio_discriminators import build_audio_discriminator
-from simvq_scale.models.discriminators import build_discriminator
 from simvq_scale.quant.factory import build_quantizer
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -25,7 +24,7 @@ def tiny_cfg(*overrides):
 def tiny_codec(*overrides):
     cfg = tiny_cfg(*overrides)
     torch.manual_seed(0)
-    return build_generator(cfg, build_quantizer(cfg.quantizer)), cfg
+    return get_modality("audio").build_generator(cfg, build_quantizer(cfg.quantizer)), cfg
 
 
 def speech_like(batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -121,7 +120,7 @@ def test_mpd_mrd_shapes_and_feature_maps():
     frames = [length // hop + 1 for hop in (256, 512, 128)]  # centred STFT frames
     for maps, n_frames in zip(features, frames):
         assert maps[0].shape[1] == 64 and maps[0].shape[-1] == math.ceil(n_frames / 2)
-    full = build_discriminator(cfg)
+    full = get_modality("audio").build_discriminator(cfg)
     assert sum(p.numel() for p in full.parameters()) == sum(p.numel() for p in disc.parameters())
 
 
@@ -155,7 +154,7 @@ def test_hinge_generator_loss_hand_value():
 def test_objective_parts_and_weights():
     codec, cfg = tiny_codec("loss.mel_weight=2.0", "loss.commit_weight=10.0", "loss.adv_weight=0.5",
                             "loss.feature_matching_weight=3.0")
-    disc = build_discriminator(cfg)
+    disc = get_modality("audio").build_discriminator(cfg)
     objective = AudioGANObjective(cfg.loss, cfg.data.sample_rate)
     x = speech_like(2, 4800)
     x_hat, out = codec(x)
@@ -168,7 +167,13 @@ def test_objective_parts_and_weights():
     no_adv_total, no_adv = objective.generator_loss(x, x_hat, out, None, None)
     assert no_adv["loss/g_adv"] == 0 and no_adv["loss/feature_matching"] == 0
     loss_d, d_parts = objective.discriminator_loss(disc, x, x_hat)
-    assert set(d_parts) == {"loss/d"} and loss_d.item() > 0
+    assert set(d_parts) == {"loss/d", "disc/logits_real", "disc/logits_fake"} and loss_d.item() > 0
+    # D runs once on real and fake together: the same loss as two separate calls (per-sample D)
+    from simvq_scale.losses.adversarial import hinge_d_loss
+
+    real, fake = disc(x), disc(x_hat.detach())
+    separate = sum(torch.stack([hinge_d_loss(r, f) for r, f in zip(real[g][0], fake[g][0])]).mean() for g in real)
+    assert loss_d.item() == pytest.approx(separate.item(), rel=1e-5)
     loss_d.backward()
     assert all(p.grad is not None for p in disc.parameters())
     assert all(p.grad is None for p in codec.parameters())  # x_hat is detached for D

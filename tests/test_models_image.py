@@ -5,7 +5,8 @@ import torch
 
 from simvq_scale.config import Config, ImageModelConfig
 from simvq_scale.models.autoencoder import Autoencoder
-from simvq_scale.models.discriminators import PatchGANDiscriminator, build_discriminator
+from simvq_scale.modality import get_modality
+from simvq_scale.models.discriminators import PatchGANDiscriminator
 from simvq_scale.models.image import Decoder, Encoder, build_image_autoencoder
 from simvq_scale.quant.simvq import SimVQ
 
@@ -95,7 +96,7 @@ def test_bad_sizes_name_the_value():
 def test_patchgan_shape_and_config():
     cfg = Config()
     cfg.model.discriminator.channels, cfg.model.discriminator.layers = 32, 2
-    disc = build_discriminator(cfg)
+    disc = get_modality("image").build_discriminator(cfg)
     logits = disc(torch.randn(2, 3, 32, 32))
     # 2 stride-2 convs (32 -> 16 -> 8), then two 4x4 stride-1 convs with padding 1 (8 -> 7 -> 6)
     assert logits.shape == (2, 1, 6, 6)
@@ -114,10 +115,8 @@ def test_patchgan_is_per_sample_so_batch_split_does_not_matter():
     torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
 
 
-def test_build_discriminator_names_unsupported_modality():
-    cfg = Config()
-    cfg.data.modality = "video"
+def test_unknown_modality_is_named_and_bad_widths_refused():
     with pytest.raises(ValueError, match="data.modality='video'"):
-        build_discriminator(cfg)
+        get_modality("video")
     with pytest.raises(ValueError, match="channels=40"):
         PatchGANDiscriminator(channels=40)

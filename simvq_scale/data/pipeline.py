@@ -30,8 +30,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from simvq_scale.config import DataConfig
-from simvq_scale.data.decode import BadSample, decode_audio, decode_image
+from simvq_scale.data.decode import BadSample
 from simvq_scale.data.tars import count_samples, expand_shards, iter_samples
+from simvq_scale.modality import get_modality
 
 STATS_KEY = "_skipped"  # per-batch (worker, cumulative counts) travelling from a worker to the loader
 MAX_FAILURES_WITHOUT_SUCCESS = 1000  # a stream in which nothing ever decodes is an error, not a hang
@@ -39,8 +40,7 @@ TAR_LEVEL_PROBLEMS = ("truncated_tar", "unreadable_tar")
 
 
 def _check_setup(cfg: DataConfig, batch_size: int, rank: int, world_size: int) -> None:
-    if cfg.modality not in ("image", "audio"):
-        raise ValueError(f"data.modality={cfg.modality!r} is not image|audio")
+    get_modality(cfg.modality)  # an unknown modality is a ConfigError naming the choices
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if not 0 <= rank < world_size:
@@ -55,15 +55,11 @@ def _worker() -> tuple[int, int]:
 
 
 def sample_shape(cfg: DataConfig) -> tuple[int, ...]:
-    if cfg.modality == "image":
-        return (3, cfg.image_size, cfg.image_size)
-    return (round(cfg.segment_seconds * cfg.sample_rate),)
+    return get_modality(cfg.modality).sample_shape(cfg)
 
 
 def decode_sample(cfg: DataConfig, sample: dict, train: bool, rng: np.random.Generator) -> torch.Tensor:
-    if cfg.modality == "image":
-        return decode_image(sample, cfg.image_size, train, cfg.random_resize, rng)
-    return decode_audio(sample, cfg.sample_rate, cfg.segment_seconds, train, cfg.random_gain_db, rng)
+    return get_modality(cfg.modality).decode(cfg, sample, train, rng)
 
 
 def shard_order(num_shards: int, seed: int, resume_counter: int, slot: int, slots: int) -> Iterator[int]:

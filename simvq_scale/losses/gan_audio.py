@@ -35,19 +35,26 @@ class AudioGANObjective(nn.Module):
         g_adv = mel.new_zeros(())
         matching = mel.new_zeros(())
         if discriminator is not None:  # switched on from loss.disc_start
-            real, fake = discriminator(x), discriminator(x_hat)
-            for group, (fake_logits, fake_features) in fake.items():
+            both = discriminator(torch.cat([x, x_hat]))  # one forward, per-sample sub-discriminators
+            for logits, features in both.values():
+                fake_logits = [l.chunk(2)[1] for l in logits]
+                real_features = [[f.chunk(2)[0] for f in maps] for maps in features]
+                fake_features = [[f.chunk(2)[1] for f in maps] for maps in features]
                 g_adv = g_adv + hinge_generator_loss(fake_logits)
-                matching = matching + feature_matching_loss(real[group][1], fake_features)
+                matching = matching + feature_matching_loss(real_features, fake_features)
             total = total + cfg.adv_weight * (g_adv + cfg.feature_matching_weight * matching)
         parts = {"loss/total_g": total, "loss/mel": mel, "loss/feature_matching": matching,
                  "loss/g_adv": g_adv, "loss/commit": quant.loss}
         return total, {k: v.detach().float() for k, v in parts.items()}
 
     def discriminator_loss(self, discriminator: nn.Module, x: torch.Tensor, x_hat: torch.Tensor):
-        real, fake = discriminator(x), discriminator(x_hat.detach())
+        # one D forward on real and fake together (every sub-discriminator is per-sample): half the launches
+        both = discriminator(torch.cat([x, x_hat.detach()]))
+        pairs = {g: [logits.float().chunk(2) for logits in out[0]] for g, out in both.items()}
         # hinge_d_loss is 0.5 * (relu(1 - real) + relu(1 + fake)), half the reference's sum: a constant
         # factor to which Adam's update is (up to its epsilon) invariant
-        loss = sum(torch.stack([hinge_d_loss(r.float(), f.float()) for r, f in zip(real[g][0], fake[g][0])]).mean()
-                   for g in fake)
-        return loss, {"loss/d": loss.detach().float()}
+        loss = sum(torch.stack([hinge_d_loss(r, f) for r, f in pairs[g]]).mean() for g in pairs)
+        logits = [pair for g in pairs for pair in pairs[g]]
+        return loss, {"loss/d": loss.detach(),
+                      "disc/logits_real": torch.stack([r.detach().mean() for r, _ in logits]).mean(),
+                      "disc/logits_fake": torch.stack([f.detach().mean() for _, f in logits]).mean()}

@@ -27,9 +27,10 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from simvq_scale.config import AudioModelConfig
 from simvq_scale.models.autoencoder import Autoencoder
+from simvq_scale.models.norms import group_norm
 from simvq_scale.quant.base import QuantizerOutput
 
-NORM_GROUPS = 32  # GroupNorm of the pre-net, as the reference's Normalize
+PRENET_WIDTH = "model.audio.decoder_dim (or set model.audio.prenet=false)"
 
 
 def autocast_off(device: torch.device):
@@ -125,9 +126,9 @@ class PrenetResBlock(nn.Module):
 
     def __init__(self, channels: int, dropout: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(NORM_GROUPS, channels, eps=1e-6)
+        self.norm1 = group_norm(channels, PRENET_WIDTH)
         self.conv1 = nn.Conv1d(channels, channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(NORM_GROUPS, channels, eps=1e-6)
+        self.norm2 = group_norm(channels, PRENET_WIDTH)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv1d(channels, channels, 3, padding=1)
 
@@ -141,7 +142,7 @@ class SelfAttention1d(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.norm = nn.GroupNorm(NORM_GROUPS, channels, eps=1e-6)
+        self.norm = group_norm(channels, PRENET_WIDTH)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
 
@@ -211,9 +212,8 @@ class VocosDecoder(nn.Module):
         if min(in_dim, dim, intermediate_dim, num_blocks) <= 0:
             raise ValueError(f"Vocos decoder sizes in_dim={in_dim}, decoder_dim={dim}, "
                              f"intermediate_dim={intermediate_dim}, num_blocks={num_blocks} must all be > 0")
-        if prenet and dim % NORM_GROUPS:
-            raise ValueError(f"model.audio.decoder_dim={dim} must be a multiple of {NORM_GROUPS} for the pre-net's "
-                             "GroupNorm (or set model.audio.prenet=false)")
+        if prenet:
+            group_norm(dim, PRENET_WIDTH)  # checks the width before anything is built
         self.embed = nn.Conv1d(in_dim, dim, 7, padding=3)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.blocks = nn.ModuleList(ConvNeXtBlock(dim, intermediate_dim, 1.0 / num_blocks) for _ in range(num_blocks))
@@ -222,7 +222,7 @@ class VocosDecoder(nn.Module):
         self.prenet = nn.Sequential(
             PrenetResBlock(dim, prenet_dropout), PrenetResBlock(dim, prenet_dropout), SelfAttention1d(dim),
             PrenetResBlock(dim, prenet_dropout), PrenetResBlock(dim, prenet_dropout),
-            nn.GroupNorm(NORM_GROUPS, dim, eps=1e-6)) if prenet else nn.Identity()
+            group_norm(dim, PRENET_WIDTH)) if prenet else nn.Identity()
         self.head = ISTFTHead(dim, n_fft, hop)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

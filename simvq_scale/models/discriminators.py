@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from simvq_scale.config import Config
-
-NORM_GROUPS = 32
+from simvq_scale.models.norms import group_norm
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -39,14 +37,13 @@ class PatchGANDiscriminator(nn.Module):
         if layers < 1 or channels <= 0:
             raise ValueError(f"PatchGAN layers={layers} must be >= 1 and channels={channels} > 0")
         widths = [channels * min(2 ** n, 8) for n in range(layers + 1)]
-        if any(w % NORM_GROUPS for w in widths[1:]):
-            raise ValueError(f"discriminator channels={channels} gives normalised widths {widths[1:]}; "
-                             f"each must be a multiple of {NORM_GROUPS} for GroupNorm")
+        norms = [group_norm(w, f"model.discriminator.channels={channels} (times min(2^n, 8))", eps=1e-5)
+                 for w in widths[1:]]
         blocks: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         for n in range(1, layers + 1):
             stride = 2 if n < layers else 1
             blocks += [nn.Conv2d(widths[n - 1], widths[n], 4, stride=stride, padding=1, bias=False),
-                       nn.GroupNorm(NORM_GROUPS, widths[n]), nn.LeakyReLU(0.2)]
+                       norms[n - 1], nn.LeakyReLU(0.2)]
         blocks.append(nn.Conv2d(widths[layers], 1, 4, stride=1, padding=1))
         self.main = nn.Sequential(*blocks)
         self.apply(_init_weights)
@@ -54,14 +51,3 @@ class PatchGANDiscriminator(nn.Module):
     def forward(self, x):
         return self.main(x)
 
-
-def build_discriminator(cfg: Config) -> nn.Module:
-    """The discriminator for cfg.data.modality."""
-    if cfg.data.modality == "image":
-        d = cfg.model.discriminator
-        return PatchGANDiscriminator(cfg.model.image.in_channels, d.channels, d.layers)
-    if cfg.data.modality == "audio":
-        from simvq_scale.models.audio_discriminators import build_audio_discriminator
-
-        return build_audio_discriminator(cfg.model.audio)
-    raise ValueError(f"no discriminator for data.modality={cfg.data.modality!r}")

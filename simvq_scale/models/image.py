@@ -16,16 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from simvq_scale.config import ImageModelConfig
+from simvq_scale.models import norms
 from simvq_scale.models.autoencoder import Autoencoder
 
-NORM_GROUPS = 32  # the reference's GroupNorm(32, C, eps=1e-6) everywhere
+WIDTHS = "model.image.channels * channel_mult"
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    if channels % NORM_GROUPS:
-        raise ValueError(f"{channels} channels do not divide into GroupNorm's {NORM_GROUPS} groups; "
-                         f"choose model.image.channels * channel_mult as multiples of {NORM_GROUPS}")
-    return nn.GroupNorm(NORM_GROUPS, channels, eps=1e-6)
+    return norms.group_norm(channels, WIDTHS)
 
 
 class ResBlock(nn.Module):
@@ -121,9 +119,8 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(self.body(self.conv_in(z)))))
 
 
-def build_image_autoencoder(model_cfg: ImageModelConfig, quantizer: nn.Module) -> Autoencoder:
-    """Encoder -> quantizer -> Decoder with z dim = quantizer.dim."""
+def build_image_autoencoder(model_cfg: ImageModelConfig, quantizer: nn.Module, channels: int = 3) -> Autoencoder:
+    """Encoder -> quantizer -> Decoder with z dim = quantizer.dim, for images of `channels` channels."""
     sizes = dict(channels=model_cfg.channels, channel_mult=list(model_cfg.channel_mult),
                  num_res_blocks=model_cfg.num_res_blocks, z_channels=quantizer.dim)
-    return Autoencoder(Encoder(in_channels=model_cfg.in_channels, **sizes), quantizer,
-                       Decoder(out_channels=model_cfg.in_channels, **sizes))
+    return Autoencoder(Encoder(in_channels=channels, **sizes), quantizer, Decoder(out_channels=channels, **sizes))

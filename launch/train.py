@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from simvq_scale import distributed as D  # noqa: E402
+from simvq_scale import distributed  # noqa: E402
 from simvq_scale.config import ConfigError, load_config  # noqa: E402
 
 
@@ -40,20 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    device = D.init_distributed()
+    device = distributed.init_distributed()
     try:
-        cfg.validate(D.world_size())
+        cfg.validate(distributed.world_size())
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from simvq_scale.train.trainer import Trainer
 
-    trainer = Trainer(cfg, device)
+    trainer = Trainer(cfg, device, resume=args.resume)
     if args.dry_run:
-        if D.is_main():
+        if distributed.is_main():
             print(json.dumps(trainer.describe()), flush=True)
         return 0
-    trainer.fit(resume=args.resume)
+    trainer.fit()
     return 0
 
 

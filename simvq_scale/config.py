@@ -75,7 +75,6 @@ class ImageModelConfig:
     channels: int = 128
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4])
     num_res_blocks: int = 2
-    in_channels: int = 3
 
 
 @dataclass
@@ -156,9 +155,13 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     log_every: int = 50
+    images_every: int = 10  # log steps between pictures (reconstructions, code frequencies, W's spectrum)
+    rank_rtol: float = 1e-2  # W/rank counts singular values above rank_rtol * the largest
     ckpt_every: int = 1000
     keep_last: int = 3
     nan_policy: str = "skip"  # skip | stop
+    compile: str = "auto"  # torch.compile the encoder, decoder and discriminator: auto (on for CUDA) | on | off
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
 
 
 @dataclass
@@ -181,11 +184,20 @@ class Config:
         _check(0.0 < q.ema_decay < 1.0, f"quantizer.ema_decay={q.ema_decay} must be in (0, 1)")
         _check(all(level >= 2 for level in q.fsq_levels), f"quantizer.fsq_levels={q.fsq_levels} needs every level >= 2")
         _check(q.usage_window_tokens > 0, f"quantizer.usage_window_tokens={q.usage_window_tokens} must be > 0")
-        _check(self.data.modality in ("image", "audio"), f"data.modality={self.data.modality!r} is not image|audio")
+        from simvq_scale.modality import get_modality  # the registry of modalities (lazy: it imports this module)
+
+        get_modality(self.data.modality)
         _check(t.global_batch > 0, f"train.global_batch={t.global_batch} must be > 0")
         _check(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
         _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision={t.precision!r} is not auto|bf16|fp32")
         _check(t.nan_policy in ("skip", "stop"), f"train.nan_policy={t.nan_policy!r} is not skip|stop")
+        _check(t.compile in ("auto", "on", "off"), f"train.compile={t.compile!r} is not auto|on|off")
+        _check(t.compile_mode in ("default", "reduce-overhead", "max-autotune"),
+               f"train.compile_mode={t.compile_mode!r} is not default|reduce-overhead|max-autotune")
+        _check(t.log_every > 0 and t.ckpt_every > 0 and t.images_every > 0,
+               f"train.log_every={t.log_every}, ckpt_every={t.ckpt_every} and images_every={t.images_every} "
+               "must be > 0")
+        _check(0.0 < t.rank_rtol < 1.0, f"train.rank_rtol={t.rank_rtol} must be in (0, 1)")
         shard_group_size(q.shard.group, world_size)
         micro_batch_and_accumulation(t.global_batch, t.micro_batch, world_size)
         return self

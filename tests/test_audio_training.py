@@ -47,16 +47,17 @@ def test_demo_run_writes_every_audio_tag(demo_data, tmp_path):
         assert tag in tags["scalars"], tag
     assert "W/singular_values" in tags["histograms"]
     assert "recon/mel" in tags["images"]
-    assert {"recon/audio_input_0", "recon/audio_recon_0"} <= set(tags["audio"])
-    clip = acc.Audio("recon/audio_recon_0")[-1]
-    assert clip.sample_rate == 24000 and clip.length_frames == 6000  # reconstruction as long as the input
+    assert {"recon/audio_0", "recon/audio_1"} <= set(tags["audio"])
+    clip = acc.Audio("recon/audio_0")[-1]
+    # input, 0.25 s of silence, reconstruction (as long as the input) in one player
+    assert clip.sample_rate == 24000 and clip.length_frames == 6000 + 6000 + 6000
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss/mel"]) and r["loss/d"] > 0 and r["loss/feature_matching"] > 0 for r in rows)
 
 
-def test_dry_run_prints_the_bitrate(tmp_path):
-    done = subprocess.run(TRAIN + ["--set", f"train.out_dir={tmp_path}", "quantizer.codebook_size=4096",
+def test_dry_run_prints_the_bitrate(demo_data, tmp_path):
+    done = subprocess.run(TRAIN + ["--set", *overrides(demo_data, tmp_path), "quantizer.codebook_size=4096",
                                    "data.segment_seconds=1.0", "--dry-run"],
                           capture_output=True, text=True, env=clean_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

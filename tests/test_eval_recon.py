@@ -107,6 +107,6 @@ def test_codebook_report_counts_every_token_and_plots(tiny_runs, demo_data, tmp_
     assert report["tokens"] == 5 * 16 * 16 == int(counts.sum()) and len(counts) == 256
     assert report["utilization"] == (counts > 0).sum().item() / 256
     assert (counts[:-1] >= counts[1:]).all()
-    assert len(report["w_spectrum"]["singular_values"]) == 8 and report["w_spectrum"]["numerical_rank"] == 8
+    assert len(report["w_spectrum"]["singular_values"]) == 8 and report["w_spectrum"]["rank_fp32"] == 8
     for png in ("code_frequency.png", "w_spectrum.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

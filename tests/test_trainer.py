@@ -30,14 +30,18 @@ def tiny_overrides(demo_data, out_dir, *more):
                    f"train.out_dir={out_dir}", *more]
 
 
-def make_trainer(overrides):
-    from simvq_scale import distributed as D
+def make_trainer(overrides, resume=None):
+    from simvq_scale import distributed
     from simvq_scale.config import load_config
     from simvq_scale.train.trainer import Trainer
 
-    device = D.init_distributed()
-    cfg = load_config(ROOT / "configs" / "image_demo.yaml", overrides).validate(D.world_size())
-    return Trainer(cfg, device)
+    device = distributed.init_distributed()
+    cfg = load_config(ROOT / "configs" / "image_demo.yaml", overrides).validate(distributed.world_size())
+    return Trainer(cfg, device, resume=resume)
+
+
+def first_batch(trainer):
+    return next(iter(trainer.loader))["x"][: trainer.micro_batch]
 
 
 def flat(module):
@@ -48,14 +52,12 @@ def gan_steps_worker(rank, world_size, overrides):
     import torch.distributed as dist
 
     trainer = make_trainer(overrides)
-    trainer._setup()
-    trainer._start_stream(0)
-    x = next(trainer.batches)["x"]
+    x = first_batch(trainer)
     g0, d0 = flat(trainer.generator), flat(trainer.discriminator)
-    x_hat, parts = trainer._generator_step(x)
+    x_hat, parts = trainer.generator_step(x)
     g1, d1 = flat(trainer.generator), flat(trainer.discriminator)
     d_grads_after_g = [p.grad for p in trainer.discriminator.parameters() if p.grad is not None]
-    trainer._discriminator_step(x, x_hat)
+    trainer.discriminator_step(x, x_hat)
     g2, d2 = flat(trainer.generator), flat(trainer.discriminator)
     every_rank = [torch.empty_like(torch.cat([g2, d2])) for _ in range(world_size)]
     dist.all_gather(every_rank, torch.cat([g2, d2]))
@@ -83,7 +85,7 @@ def test_gan_step_under_zero2_touches_only_its_own_network(demo_data, tmp_path, 
 
 def fit_worker(rank, world_size, runs):
     for overrides, resume in runs:
-        make_trainer(overrides).fit(resume=resume)
+        make_trainer(overrides, resume).fit()
 
 
 def losses_by_step(run_dir):
@@ -111,18 +113,16 @@ def test_resume_reproduces_the_uninterrupted_run(demo_data, tmp_path):
 
 def nan_worker(rank, world_size, overrides):
     trainer = make_trainer(overrides)
-    trainer._setup()
-    trainer._start_stream(0)
-    x = next(trainer.batches)["x"]
+    x = first_batch(trainer)
     before = flat(trainer.generator)
     x_bad = x.clone()
     x_bad[0, 0, 0, 0] = float("nan")
-    trainer._generator_step(x_bad)
+    trainer.generator_step(x_bad)
     after = flat(trainer.generator)
     outcome = {"params_finite": bool(torch.isfinite(after).all()), "count": None, "error": None}
     outcome["moved"] = not torch.equal(before, after)
     try:
-        outcome["count"] = trainer._check_finite()
+        outcome["count"] = trainer.guard.reduce(trainer.state.step)
     except FloatingPointError as e:
         outcome["error"] = str(e)
     return outcome

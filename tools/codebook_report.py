@@ -26,12 +26,6 @@ from simvq_scale.eval.runner import (WHOLE_SET_WINDOW, add_common_arguments, all
 from simvq_scale.quant.stats import CodebookUsage, weight_spectrum
 
 
-def projection_weight(quantizer: torch.nn.Module) -> torch.Tensor | None:
-    """SimVQ's W (the `proj` linear layer), or None for quantizers without one."""
-    proj = getattr(quantizer, "proj", None)
-    return proj.weight if isinstance(proj, torch.nn.Linear) else None
-
-
 def plot_frequency(counts: torch.Tensor, path: Path) -> None:
     import matplotlib
 
@@ -63,7 +57,7 @@ def plot_spectrum(singular_values: torch.Tensor, spectrum: dict, path: Path) -> 
     ax.set_yscale("log")
     ax.set_xlabel("index")
     ax.set_ylabel("singular value of W")
-    ax.set_title(f"W spectrum: numerical rank {spectrum['numerical_rank']}/{singular_values.numel()}, "
+    ax.set_title(f"W spectrum: rank {spectrum['rank']}/{singular_values.numel()} (relative tolerance 1e-2), "
                  f"effective rank {spectrum['effective_rank']:.1f}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -99,7 +93,7 @@ def write_report(tokenizer, figures: dict, counts: torch.Tensor, samples: int, o
               "samples": samples, "tokens": int(figures.pop("window_tokens")), **figures,
               "sorted_counts": counts.sort(descending=True).values.tolist()}
     plot_frequency(counts, out / "code_frequency.png")
-    weight = projection_weight(tokenizer.generator.quantizer)
+    weight = tokenizer.generator.quantizer.projection_weight()
     if weight is None:
         report["w_spectrum"] = f"unavailable ({type(tokenizer.generator.quantizer).__name__} has no projection W)"
     else:

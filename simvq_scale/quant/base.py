@@ -32,6 +32,11 @@ class Quantizer(nn.Module, abc.ABC):
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """The codes of `indices`, equal to what forward returned as z_q for them."""
 
+    def projection_weight(self) -> torch.Tensor | None:
+        """The learned linear map of a reparameterised codebook (SimVQ's W), whose spectrum is monitored;
+        None for quantizers without one."""
+        return None
+
 
 def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Forward value q, gradient of the identity to z."""

@@ -8,6 +8,7 @@ so W (never the dead codes one by one) is what learns.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -49,12 +50,20 @@ class SimVQ(Quantizer):
         self.proj = nn.Linear(dim, dim, bias=bias)  # W: the only trained part of the codes
 
     @torch.no_grad()
-    def init_from_tokens(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Data-dependent start: W = diag(std * sqrt(d)), b = mean, so the codes C W^T + b, with C's
-        entries of std d^-1/2, are distributed like the tokens (per dimension)."""
-        self.proj.weight.copy_(torch.diag(std.float() * self.dim**0.5))
+    def init_from_tokens(self, tokens: torch.Tensor) -> None:
+        """Data-dependent start (quantizer.init_from_data): W = diag(std * sqrt(d)), b = mean over every
+        rank's tokens (N, d) (collective), so the codes C W^T + b, with C's entries of std d^-1/2, are
+        distributed like the tokens, per dimension."""
+        tokens = tokens.float()
+        moments = torch.cat([tokens.sum(0), tokens.pow(2).sum(0), tokens.new_tensor([tokens.shape[0]])])
+        if dist.is_initialized():
+            dist.all_reduce(moments)
+        count = moments[-1]
+        mean = moments[: self.dim] / count
+        std = (moments[self.dim : 2 * self.dim] / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6)
+        self.proj.weight.copy_(torch.diag(std * self.dim**0.5))
         if self.proj.bias is not None:
-            self.proj.bias.copy_(mean.float())
+            self.proj.bias.copy_(mean)
 
     def project(self, rows: torch.Tensor) -> torch.Tensor:
         # fp32 whatever autocast is active, so forward's q and decode_indices agree bit for bit
@@ -72,3 +81,6 @@ class SimVQ(Quantizer):
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.project(self.codebook.lookup(indices.reshape(-1))).reshape(*indices.shape, self.dim)
+
+    def projection_weight(self) -> torch.Tensor:
+        return self.proj.weight

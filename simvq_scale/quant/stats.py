@@ -1,17 +1,12 @@
-"""Codebook statistics: a usage window over the most recent tokens, and the spectrum of W.
+"""Codebook statistics: a usage window over the most recent tokens, its figures, and the spectrum of W.
 
-CodebookUsage keeps the indices of the last steps (just enough steps to cover at
-least `window_tokens` tokens) plus one running count vector, so the counts are
-exact for that window and memory is O(window + K) whatever the step size.
-
-For a sharded codebook a rank may own only rows [start, stop): it counts only
-those codes. Two process groups then make the global figures:
-  count_group - ranks holding the same rows but seeing different tokens; their
-                count vectors are summed. Default: every rank (torch's WORLD)
-                for the whole codebook, no one for a row range.
-  rows_group  - ranks holding the other row ranges (the shard group); the
-                figures' partial sums over rows are combined across it.
-reduce() runs collectives: every rank must call it, never inside a rank-0 branch.
+CodebookUsage keeps the indices of the last steps (just enough steps to cover at least `window_tokens`
+tokens) plus one running count vector, so the counts are exact for that window and memory is
+O(window + K) whatever the step size. Every rank counts the global code numbers its own tokens chose
+(also with a sharded codebook), so the global counts are one sum over ranks: `reduce()` runs that
+all-reduce itself (a collective: every rank calls it), or a caller packs `counts` into a collective of
+its own and calls `usage_figures` on the result (the trainer's metrics do, to keep one collective per
+log step).
 """
 
 from __future__ import annotations
@@ -22,32 +17,24 @@ from collections import deque
 import torch
 import torch.distributed as dist
 
+from simvq_scale.distributed import world_size
+
 TOP_SHARE_FRACTION = 0.01  # top1pct_share: the share of tokens taken by the top 1% of codes
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 class CodebookUsage:
-    def __init__(self, codebook_size: int, window_tokens: int, start: int = 0, stop: int | None = None,
-                 count_group=None, rows_group=None):
-        stop = codebook_size if stop is None else stop
+    def __init__(self, codebook_size: int, window_tokens: int):
         if window_tokens <= 0:
             raise ValueError(f"usage window_tokens={window_tokens} must be > 0")
-        if not 0 <= start < stop <= codebook_size:
-            raise ValueError(f"usage row range [{start}, {stop}) is not inside a codebook of {codebook_size} codes")
-        self.codebook_size, self.window_tokens, self.start, self.stop = codebook_size, window_tokens, start, stop
-        self.whole = (start, stop) == (0, codebook_size)
-        self.count_group, self.rows_group = count_group, rows_group
-        self.steps: deque[tuple[int, torch.Tensor]] = deque()  # (tokens in the step, its in-range local indices)
+        self.codebook_size, self.window_tokens = codebook_size, window_tokens
+        self.steps: deque[torch.Tensor] = deque()  # each step's indices, flat
         self.tokens = 0
-        self.counts = torch.zeros(stop - start, dtype=torch.long)
+        self.counts = torch.zeros(codebook_size, dtype=torch.long)
 
-    def _bincount(self, local: torch.Tensor) -> torch.Tensor:
+    def _bincount(self, flat: torch.Tensor) -> torch.Tensor:
         # scatter_add rather than torch.bincount, which reads the maximum back to the host on CUDA
-        counts = torch.zeros(self.stop - self.start, dtype=torch.long, device=local.device)
-        return counts.scatter_add_(0, local, torch.ones_like(local))
+        counts = torch.zeros(self.codebook_size, dtype=torch.long, device=flat.device)
+        return counts.scatter_add_(0, flat, torch.ones_like(flat))
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor) -> None:
@@ -57,93 +44,84 @@ class CodebookUsage:
             # checked on the CPU only: on a GPU the check would cost a host sync every step
             raise ValueError(f"code indices span [{int(flat.min())}, {int(flat.max())}], "
                              f"outside a codebook of {self.codebook_size}")
-        # the whole codebook needs no mask (boolean indexing syncs with the host)
-        local = flat if self.whole else flat[(flat >= self.start) & (flat < self.stop)] - self.start
-        if self.counts.device != local.device:
-            self.counts = self.counts.to(local.device)
-        self.counts += self._bincount(local)
-        self.steps.append((flat.numel(), local))
+        if self.counts.device != flat.device:
+            self.counts = self.counts.to(flat.device)
+        self.counts += self._bincount(flat)
+        self.steps.append(flat)
         self.tokens += flat.numel()
         # drop the oldest step while the rest still cover the window: exactly the last >= window_tokens tokens
-        while len(self.steps) > 1 and self.tokens - self.steps[0][0] >= self.window_tokens:
-            old_tokens, old_local = self.steps.popleft()
-            self.tokens -= old_tokens
-            self.counts -= self._bincount(old_local)
+        while len(self.steps) > 1 and self.tokens - self.steps[0].numel() >= self.window_tokens:
+            old = self.steps.popleft()
+            self.tokens -= old.numel()
+            self.counts -= self._bincount(old)
 
     @torch.no_grad()
     def reduce(self) -> dict[str, float]:
-        """Figures of the window over all ranks' tokens and all rows (the same dict on every rank)."""
+        """Figures of the window over all ranks' tokens (the same dict on every rank). Collective."""
         counts = self.counts.clone()
         tokens = torch.tensor([self.tokens], dtype=torch.long, device=counts.device)
-        if _distributed() and (self.whole or self.count_group is not None):
-            dist.all_reduce(counts, group=self.count_group)
-            dist.all_reduce(tokens, group=self.count_group)
-        c = counts.double()
-        partial = torch.stack([(counts > 0).sum().double(), c.sum(), torch.special.xlogy(c, c).sum()])
-        top_k = max(1, math.ceil(TOP_SHARE_FRACTION * self.codebook_size))
-        top = torch.zeros(top_k, dtype=torch.double, device=c.device)
-        local_top = c.topk(min(top_k, c.numel())).values
-        top[: local_top.numel()] = local_top
-        if _distributed() and not self.whole and self.rows_group is not None:
-            dist.all_reduce(partial, group=self.rows_group)
-            gathered = [torch.empty_like(top) for _ in range(dist.get_world_size(self.rows_group))]
-            dist.all_gather(gathered, top, group=self.rows_group)
-            top = torch.cat(gathered).topk(top_k).values
-        used, total, c_log_c = partial.tolist()
-        # H = log N - (1/N) sum c log c, in nats
-        entropy = math.log(total) - c_log_c / total if total > 0 else 0.0
-        return {
-            "utilization": used / self.codebook_size,
-            "perplexity": math.exp(entropy),
-            "entropy_normalized": entropy / math.log(self.codebook_size) if self.codebook_size > 1 else 0.0,
-            "dead_codes": float(self.codebook_size - used),
-            "top1pct_share": float(top.sum()) / total if total > 0 else 0.0,
-            "window_tokens": float(tokens.item()),
-        }
+        if world_size() > 1:
+            dist.all_reduce(counts)
+            dist.all_reduce(tokens)
+        return usage_figures(counts) | {"window_tokens": float(tokens.item())}
 
     def state_dict(self) -> dict:
-        lengths = torch.tensor([local.numel() for _, local in self.steps], dtype=torch.long)
         return {
-            "codebook_size": self.codebook_size, "start": self.start, "stop": self.stop,
-            "window_tokens": self.window_tokens,
-            "step_tokens": torch.tensor([n for n, _ in self.steps], dtype=torch.long),
-            "step_lengths": lengths,
-            "indices": torch.cat([local.cpu() for _, local in self.steps]) if self.steps
-            else torch.zeros(0, dtype=torch.long),
+            "codebook_size": self.codebook_size, "window_tokens": self.window_tokens,
+            "step_lengths": torch.tensor([s.numel() for s in self.steps], dtype=torch.long),
+            "indices": torch.cat([s.cpu() for s in self.steps]) if self.steps else torch.zeros(0, dtype=torch.long),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = (self.codebook_size, self.start, self.stop)
-        theirs = (state["codebook_size"], state["start"], state["stop"])
-        if mine != theirs:
-            raise ValueError(f"usage state for (codebook_size, start, stop)={theirs} cannot load into {mine}")
+        if state["codebook_size"] != self.codebook_size:
+            raise ValueError(f"usage state of a codebook of {state['codebook_size']} codes cannot load into "
+                             f"one of {self.codebook_size}")
         device = self.counts.device
         self.steps.clear()
         self.tokens = 0
-        self.counts = torch.zeros(self.stop - self.start, dtype=torch.long, device=device)
-        chunks = torch.split(state["indices"].to(device), state["step_lengths"].tolist())
-        for n, local in zip(state["step_tokens"].tolist(), chunks):
-            self.steps.append((n, local))
-            self.tokens += n
-            self.counts += self._bincount(local)
+        self.counts = torch.zeros(self.codebook_size, dtype=torch.long, device=device)
+        for flat in torch.split(state["indices"].to(device), state["step_lengths"].tolist()):
+            self.steps.append(flat)
+            self.tokens += flat.numel()
+            self.counts += self._bincount(flat)
 
 
 @torch.no_grad()
-def weight_spectrum(weight: torch.Tensor) -> dict:
+def usage_figures(counts: torch.Tensor) -> dict[str, float]:
+    """Utilization, perplexity, normalized entropy, dead codes and top-1% share of global code counts (K,)."""
+    codebook_size = counts.numel()
+    c = counts.double()
+    top_k = max(1, math.ceil(TOP_SHARE_FRACTION * codebook_size))
+    used, total, c_log_c, top = torch.stack([
+        (c > 0).sum().double(), c.sum(), torch.special.xlogy(c, c).sum(), c.topk(top_k).values.sum()]).tolist()
+    entropy = math.log(total) - c_log_c / total if total > 0 else 0.0  # H = log N - (1/N) sum c log c, nats
+    return {
+        "utilization": used / codebook_size,
+        "perplexity": math.exp(entropy),
+        "entropy_normalized": entropy / math.log(codebook_size) if codebook_size > 1 else 0.0,
+        "dead_codes": float(codebook_size - used),
+        "top1pct_share": top / total if total > 0 else 0.0,
+    }
+
+
+@torch.no_grad()
+def weight_spectrum(weight: torch.Tensor, rank_rtol: float = 1e-2) -> dict:
     """Singular values and rank figures of a matrix (e.g. SimVQ's W), computed in fp32.
 
-    numerical_rank counts singular values above S.max * max(shape) * eps(fp32), the
-    default tolerance of numpy / torch.linalg.matrix_rank. effective_rank is
-    exp(entropy of S / sum(S)) (Roy & Vetterli, 2007).
+    rank counts singular values above rank_rtol * S.max: the numerical rank at a relative tolerance,
+    the quantity that falls over training in the paper's Fig. 4. rank_fp32 counts those above
+    S.max * max(shape) * eps(fp32), the default tolerance of numpy / torch.linalg.matrix_rank (it stays at
+    d unless a direction of W is exactly lost). effective_rank is exp(entropy of S / sum(S)) (Roy &
+    Vetterli, 2007).
     """
     w = weight.detach().float()
     s = torch.linalg.svdvals(w)
-    tolerance = s.max() * max(w.shape) * torch.finfo(torch.float32).eps
+    fp32_tolerance = s.max() * max(w.shape) * torch.finfo(torch.float32).eps
     p = s.double() / s.double().sum()
     return {
         "singular_values": s.cpu(),
-        "numerical_rank": int((s > tolerance).sum()),
-        "rank_tolerance": float(tolerance),
+        "rank": int((s > rank_rtol * s.max()).sum()),
+        "rank_fp32": int((s > fp32_tolerance).sum()),
         "frobenius_norm": float(torch.linalg.matrix_norm(w)),
         "effective_rank": float(torch.exp(-torch.special.xlogy(p, p).sum())),
     }

@@ -1,8 +1,8 @@
 """Where figures go: TensorBoard + metrics.jsonl + console on rank 0, nothing elsewhere.
 
-Callers reduce across ranks first (every rank takes part in the collective) and
-then hand the finished numbers to the logger; non-logging ranks hold a NoOpLogger
-so the training code never branches on the rank around a log call.
+Callers reduce across ranks first (every rank takes part in the collective) and then hand the finished
+numbers to the logger; non-logging ranks hold a NoOpLogger so the training code never branches on the
+rank around a log call.
 """
 
 from __future__ import annotations
@@ -29,6 +29,15 @@ class NoOpLogger:
     def audio(self, step: int, tag: str, waveform: torch.Tensor, sample_rate: int) -> None:
         pass
 
+    def text(self, tag: str, text: str) -> None:
+        pass
+
+    def layout(self, layout: dict[str, dict[str, list[str]]]) -> None:
+        pass
+
+    def hparams(self, hparams: dict[str, float | int | str | bool], metric_tags: list[str]) -> None:
+        pass
+
     def console(self, line: str) -> None:
         pass
 
@@ -36,7 +45,14 @@ class NoOpLogger:
         pass
 
 
-class RunLogger(NoOpLogger):
+class ConsoleLogger(NoOpLogger):
+    """Console lines only: the logging rank before its run folder exists (start-up, --dry-run)."""
+
+    def console(self, line: str) -> None:
+        print(line, file=sys.stdout, flush=True)
+
+
+class RunLogger(ConsoleLogger):
     """TensorBoard events under out_dir/tb, one JSON line per log step in out_dir/metrics.jsonl."""
 
     def __init__(self, out_dir: str | Path):
@@ -61,8 +77,21 @@ class RunLogger(NoOpLogger):
     def audio(self, step: int, tag: str, waveform: torch.Tensor, sample_rate: int) -> None:
         self.writer.add_audio(tag, waveform.detach().float().cpu().clamp(-1, 1), step, sample_rate=sample_rate)
 
-    def console(self, line: str) -> None:
-        print(line, file=sys.stdout, flush=True)
+    def text(self, tag: str, text: str) -> None:
+        self.writer.add_text(tag, text, 0)
+
+    def layout(self, layout: dict[str, dict[str, list[str]]]) -> None:
+        """TensorBoard's custom-scalars dashboard: category -> chart title -> the tags drawn in it."""
+        self.writer.add_custom_scalars({category: {title: ["Multiline", tags] for title, tags in charts.items()}
+                                        for category, charts in layout.items()})
+
+    def hparams(self, hparams: dict[str, float | int | str | bool], metric_tags: list[str]) -> None:
+        """The run's hyper-parameters for the HParams dashboard; its metrics are the scalars `metric_tags`
+        that this run writes (their latest values are what the dashboard compares across runs)."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        for summary in hparams_summaries(hparams, {tag: 0.0 for tag in metric_tags}):
+            self.writer.file_writer.add_summary(summary)
 
     def close(self) -> None:
         self.writer.flush()
@@ -79,3 +108,15 @@ def format_eta(seconds: float) -> str:
         return "?"
     h, rem = divmod(int(seconds), 3600)
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
+
+class Stopwatch:
+    """Seconds since the last lap: the start-up lines say how long each phase took."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed

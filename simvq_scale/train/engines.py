@@ -1,0 +1,79 @@
+"""The two DeepSpeed engines: optimizer, LR schedule, ZeRO stage, precision, and what gets compiled.
+
+Precision: DeepSpeed 0.19.8 runs an engine's forward under torch.autocast(enabled=False) unless its own
+`torch_autocast` section is on, which kills any autocast opened around engine(x) (measured on an H200:
+every convolution ran fp32/TF32). So bf16 is switched on inside the engines with that section, with no
+module listed as "lower precision safe": parameters, master weights, gradients and their reductions stay
+fp32, only the activations of autocast-eligible ops are bf16. DeepSpeed's own bf16 mode would also cast
+every buffer to bf16, and the frozen codebook must stay fp32 for an exact search.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from simvq_scale.config import Config
+
+
+def lr_factor(cfg: Config) -> Callable[[int], float]:
+    """Linear warm-up over optim.warmup_steps, then constant or cosine down to min_lr_ratio; a factor of lr."""
+    o, steps = cfg.optim, cfg.train.steps
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "cosine":
+            progress = min(1.0, (step - o.warmup_steps) / max(1, steps - o.warmup_steps))
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def deepspeed_config(cfg: Config, micro_batch: int, accumulation: int, zero_stage: int, bf16: bool) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": cfg.train.global_batch,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,  # the client AdamW: no FusedAdam compile
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        # no module is "lower precision safe": DeepSpeed would then reduce those gradients in bf16
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    return config
+
+
+def build_engine(model: nn.Module, cfg: Config, lr: float, zero_stage: int, micro_batch: int, accumulation: int,
+                 bf16: bool):
+    """A DeepSpeed engine around `model` with a client AdamW and the run's LR schedule."""
+    import deepspeed
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  betas=tuple(o.betas), weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, micro_batch, accumulation, zero_stage, bf16))
+    return engine
+
+
+def compile_networks(generator: nn.Module, discriminator: nn.Module, mode: str) -> list[str]:
+    """torch.compile the encoder, the decoder and the discriminator in place, before DeepSpeed wraps them
+    (DeepSpeed's engine.compile() produced no step within 200 s on an H100). The quantizer stays eager: its
+    search is a Triton kernel with collectives around it. In-place Module.compile keeps parameter names, so
+    checkpoints and exports do not change. Returns the names of what was compiled."""
+    compiled = []
+    for name, module in (("encoder", generator.encoder), ("decoder", generator.decoder),
+                         ("discriminator", discriminator)):
+        module.compile(mode=None if mode == "default" else mode)
+        compiled.append(name)
+    return compiled
+

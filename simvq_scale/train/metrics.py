@@ -1,0 +1,245 @@
+"""The training figures: what each tag means, how they are collected, reduced once, and written.
+
+Every micro-step adds its loss parts (detached device scalars) and its code indices on the device; no
+host sync. At a log step ONE all_reduce carries every figure that needs the other ranks (the loss sums,
+the device counters such as skipped samples and non-finite losses, and the code counts of the usage
+window); the codebook figures, W's spectrum and the performance figures are then computed locally (W is
+the same on every rank) and rank 0 writes them. The tags are defined here once (TAGS); the README's
+monitoring table and the tests read them from here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from simvq_scale.config import Config, to_dict
+from simvq_scale.distributed import world_size
+from simvq_scale.modality import Modality
+from simvq_scale.quant.stats import CodebookUsage, usage_figures, weight_spectrum
+from simvq_scale.train import render
+from simvq_scale.train.logging import NoOpLogger, format_eta
+
+
+@dataclass(frozen=True)
+class Tag:
+    name: str
+    meaning: str
+    only: str | None = None  # written only for this modality or quantizer kind
+
+
+TAGS: tuple[Tag, ...] = (
+    Tag("loss/total_g", "the generator's loss"),
+    Tag("loss/recon", "L1 between images and reconstructions (in [-1, 1] units)", "image"),
+    Tag("loss/perceptual", "LPIPS-VGG between images and reconstructions", "image"),
+    Tag("loss/mel", "L1 between log-mel spectrograms", "audio"),
+    Tag("loss/feature_matching", "L1 between D's feature maps of real and reconstructed audio", "audio"),
+    Tag("loss/commit", "the quantizer's loss (commitment and codebook terms)"),
+    Tag("loss/g_adv", "the generator's adversarial term"),
+    Tag("loss/d", "the discriminator's hinge loss"),
+    Tag("disc/logits_real", "D's mean logit on real samples"),
+    Tag("disc/logits_fake", "D's mean logit on reconstructions"),
+    Tag("codebook/utilization", "fraction of codes used over the last quantizer.usage_window_tokens tokens"),
+    Tag("codebook/perplexity", "exp(entropy) of the code frequencies over the window"),
+    Tag("codebook/dead_codes", "codes not used over the window"),
+    Tag("codebook/entropy_normalized", "entropy of the code frequencies / log K"),
+    Tag("codebook/top1pct_share", "share of the window's tokens taken by the most used 1% of codes"),
+    Tag("W/rank", "singular values of W above train.rank_rtol * the largest (the paper's Fig. 4)"),
+    Tag("W/rank_fp32", "singular values of W above max * d * eps(fp32): only exact rank loss moves it"),
+    Tag("W/effective_rank", "exp(entropy of the normalized singular values of W)"),
+    Tag("W/fro_norm", "Frobenius norm of W"),
+    Tag("opt/lr_g", "the generator's learning rate"),
+    Tag("opt/lr_d", "the discriminator's learning rate"),
+    Tag("opt/grad_norm_g", "the generator's gradient norm before clipping"),
+    Tag("opt/grad_norm_d", "the discriminator's gradient norm before clipping"),
+    Tag("perf/samples_per_s", "training samples per second, all ranks"),
+    Tag("perf/tokens_per_s", "tokens per second, all ranks"),
+    Tag("perf/step_ms", "milliseconds per optimizer step over the log interval"),
+    Tag("perf/data_wait_frac", "fraction of the interval spent waiting for batches"),
+    Tag("perf/max_mem_gib", "peak memory of this rank's device (GiB; CPU: peak resident set)"),
+    Tag("perf/model_tflops_per_gpu", "model TFLOP/s per device by the trainer's FLOP count"),
+    Tag("perf/mfu", "model TFLOP/s per device / the card's dense bf16 peak (GPUs the trainer knows)"),
+    Tag("data/skipped_samples", "bad samples skipped so far, all ranks"),
+    Tag("train/nonfinite_losses", "non-finite losses so far, all ranks (train.nan_policy)"),
+    Tag("quantizer/per_sample_entropy", "mean per-token code entropy (nats)", "lfq"),
+    Tag("quantizer/codebook_entropy", "entropy of the batch-averaged code distribution (nats)", "lfq"),
+)
+TAG_NAMES = frozenset(t.name for t in TAGS)
+HISTOGRAM_TAGS = ("W/singular_values",)
+IMAGE_TAGS = ("W/spectrum", "codebook/rank_frequency")
+
+# The custom-scalars dashboard: category -> chart -> tags (a tag a run does not write stays empty).
+LAYOUT = {
+    "codebook health": {
+        "utilization": ["codebook/utilization"], "perplexity": ["codebook/perplexity"],
+        "dead codes": ["codebook/dead_codes"], "top-1% share": ["codebook/top1pct_share"],
+        "rank of W": ["W/rank", "W/rank_fp32"], "effective rank of W": ["W/effective_rank"],
+    },
+    "losses": {
+        "generator": ["loss/total_g"], "reconstruction": ["loss/recon", "loss/mel", "val/recon", "val/mel"],
+        "perceptual / feature matching": ["loss/perceptual", "loss/feature_matching"],
+        "commitment": ["loss/commit"], "adversarial": ["loss/g_adv"],
+    },
+    "discriminator": {
+        "loss": ["loss/d"], "logits": ["disc/logits_real", "disc/logits_fake"],
+        "learning rates": ["opt/lr_g", "opt/lr_d"], "gradient norms": ["opt/grad_norm_g", "opt/grad_norm_d"],
+    },
+    "performance": {
+        "throughput": ["perf/samples_per_s"], "step time": ["perf/step_ms"], "data wait": ["perf/data_wait_frac"],
+        "memory": ["perf/max_mem_gib"], "MFU": ["perf/mfu"],
+    },
+}
+
+
+def hparams_of(cfg: Config) -> dict[str, float | int | str | bool]:
+    """The resolved config flattened to dotted scalar keys (lists as text), for the HParams dashboard."""
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}{key}.", inner)
+        else:
+            flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", to_dict(cfg))
+    return flat
+
+
+class Metrics:
+    """Collects a log interval's figures on the device; `log` reduces them once and writes them."""
+
+    def __init__(self, cfg: Config, modality: Modality, logger: NoOpLogger, device: torch.device,
+                 codebook_size: int, tokens_per_sample: int, flops_per_sample: float, peak_flops: float | None):
+        self.cfg, self.modality, self.logger, self.device = cfg, modality, logger, device
+        self.usage = CodebookUsage(codebook_size, cfg.quantizer.usage_window_tokens)
+        self.tokens_per_sample, self.flops_per_sample, self.peak_flops = tokens_per_sample, flops_per_sample, peak_flops
+        self.log_steps = 0
+        self._recent_step_s: deque[float] = deque(maxlen=4)  # the ETA follows the last few intervals
+        self._start_interval()
+
+    def _start_interval(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro_steps, self.steps, self.data_wait = 0, 0, 0.0
+        self.interval_start = time.perf_counter()
+
+    def write_run_info(self) -> None:
+        """At the start of a run: the dashboard layout, the resolved config as text, the hyper-parameters."""
+        import yaml
+
+        self.logger.layout(LAYOUT)
+        self.logger.text("config", "```yaml\n" + yaml.safe_dump(to_dict(self.cfg), sort_keys=False) + "```")
+        self.logger.hparams(hparams_of(self.cfg), ["codebook/utilization", "codebook/perplexity",
+                                                   self.modality.recon_loss_tag])
+
+    # ---- every micro-step (device only)
+    def add(self, parts: dict[str, torch.Tensor]) -> None:
+        """One micro-step's loss parts (detached device scalars): averaged over the interval's micro-steps."""
+        self.micro_steps += 1
+        for tag, value in parts.items():
+            self.sums[tag] = self.sums[tag] + value if tag in self.sums else value.detach().clone()
+
+    def add_indices(self, indices: torch.Tensor) -> None:
+        self.usage.update(indices)
+
+    def end_step(self, data_wait_s: float) -> None:
+        """An optimizer step is done; `data_wait_s` of it was spent waiting for its batch."""
+        self.steps += 1
+        self.data_wait += data_wait_s
+
+    # ---- every log step (one collective)
+    @torch.no_grad()
+    def log(self, step: int, counters: dict[str, torch.Tensor], host: dict[str, float],
+            w: torch.Tensor | None, images: bool) -> dict[str, float]:
+        """Reduce the interval's figures over ranks (collective: every rank calls it), write them on rank 0,
+        start a new interval; returns the figures (the same on every rank). `counters` are device scalars
+        summed over ranks (e.g. skipped samples); `host` are figures every rank already agrees on (e.g. the
+        learning rates); `w` is the quantizer's linear map, if any."""
+        tags = sorted(self.sums)
+        counter_tags = sorted(counters)
+        packed = torch.cat([
+            torch.stack([self.sums[t].double() / max(1, self.micro_steps) for t in tags]
+                        + [counters[t].double().reshape(()) for t in counter_tags]).to(self.device)
+            if tags or counter_tags else torch.zeros(0, dtype=torch.double, device=self.device),
+            self.usage.counts.double().to(self.device),
+        ])
+        if world_size() > 1:
+            dist.all_reduce(packed)
+        world = world_size()
+        n_means = len(tags)
+        values = dict(zip(tags, (packed[:n_means] / world).tolist()))
+        values.update(zip(counter_tags, packed[n_means:n_means + len(counter_tags)].tolist()))
+        counts = packed[n_means + len(counter_tags):]
+        usage = usage_figures(counts)
+        values.update({f"codebook/{k}": v for k, v in usage.items()})
+        values.update(host)
+        values.update(self._performance())
+        spectrum = None
+        if w is not None:
+            spectrum = weight_spectrum(w, self.cfg.train.rank_rtol)
+            values.update({"W/rank": float(spectrum["rank"]), "W/rank_fp32": float(spectrum["rank_fp32"]),
+                           "W/effective_rank": spectrum["effective_rank"], "W/fro_norm": spectrum["frobenius_norm"]})
+        self.logger.scalars(step, values)
+        if images:
+            self._log_distributions(step, counts, spectrum)
+        self._console(step, values)
+        self.log_steps += 1
+        self._start_interval()
+        return values
+
+    def _performance(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.interval_start, 1e-9)
+        steps = max(1, self.steps)
+        samples = steps * self.cfg.train.global_batch
+        self._recent_step_s.append(elapsed / steps)
+        tflops = samples * self.flops_per_sample / elapsed / world_size() / 1e12
+        figures = {
+            "perf/samples_per_s": samples / elapsed,
+            "perf/tokens_per_s": samples * self.tokens_per_sample / elapsed,
+            "perf/step_ms": 1000 * elapsed / steps,
+            "perf/data_wait_frac": min(1.0, self.data_wait / elapsed),
+            "perf/max_mem_gib": max_memory_gib(self.device),
+            "perf/model_tflops_per_gpu": tflops,
+        }
+        if self.peak_flops:
+            figures["perf/mfu"] = tflops * 1e12 / self.peak_flops
+        return figures
+
+    def _log_distributions(self, step: int, counts: torch.Tensor, spectrum: dict | None) -> None:
+        """The sorted per-code frequency (log-log) and W's sorted spectrum (log scale), as pictures."""
+        x, frequency = render.rank_frequency(counts)
+        self.logger.image(step, "codebook/rank_frequency",
+                          render.log_curve(frequency, "code count by rank (log rank axis)", x=x))
+        if spectrum is not None:
+            self.logger.histogram(step, "W/singular_values", spectrum["singular_values"])
+            self.logger.image(step, "W/spectrum", render.log_curve(spectrum["singular_values"],
+                                                                    "singular values of W, sorted"))
+
+    def eta_s(self, step: int) -> float:
+        recent = sum(self._recent_step_s) / max(1, len(self._recent_step_s))
+        return recent * (self.cfg.train.steps - step) if self._recent_step_s else float("nan")
+
+    def _console(self, step: int, values: dict[str, float]) -> None:
+        recon = self.modality.recon_loss_tag
+        unit = self.modality.samples_per_unit(self.cfg.data)
+        self.logger.console(
+            f"step {step}/{self.cfg.train.steps} "
+            f"g {values.get('loss/total_g', math.nan):.4f} {recon[5:]} {values.get(recon, math.nan):.4f} "
+            f"d {values.get('loss/d', 0.0):.4f} util {values['codebook/utilization']:.4f} "
+            f"ppl {values['codebook/perplexity']:.1f} "
+            f"| {values['perf/samples_per_s'] * unit:.1f} {self.modality.sample_noun}/s "
+            f"{values['perf/step_ms']:.0f} ms/step data-wait {values['perf/data_wait_frac']:.0%} "
+            f"| eta {format_eta(self.eta_s(step))}")
+
+
+def max_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

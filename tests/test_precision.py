@@ -1,0 +1,78 @@
+"""bf16 where the config says bf16: every convolution of G and D computes in bf16 inside the DeepSpeed
+engines (DeepSpeed switches an outer autocast off inside its engines), while parameters, gradients and
+the codebook search stay fp32."""
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from test_audio_training import TINY as AUDIO_TINY
+from test_trainer import ROOT, make_trainer, tiny_overrides
+
+CONVS = (torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+def conv_dtypes_worker(rank, world_size, config, overrides):
+    from simvq_scale import distributed
+    from simvq_scale.config import load_config
+    from simvq_scale.train.trainer import Trainer
+
+    device = distributed.init_distributed()
+    trainer = Trainer(load_config(ROOT / "configs" / config, overrides).validate(1), device)
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, set()).add(output.dtype)
+        return hook
+
+    for prefix, model in (("G", trainer.generator), ("D", trainer.discriminator)):
+        for name, module in model.named_modules():
+            if isinstance(module, CONVS):
+                module.register_forward_hook(record(f"{prefix}.{name}"))
+    x = next(iter(trainer.loader))["x"][: trainer.micro_batch]
+    # the engines alone, without the trainer's outer autocast: bf16 must come from inside the engine
+    # (on CUDA DeepSpeed switches an outer autocast off there; on the CPU it does not notice one, so
+    # this is the check that fails here when the engines' own autocast is missing)
+    with torch.no_grad():
+        trainer.engine_g(x)
+        trainer.engine_d(x)
+    engines_alone = {k: sorted(str(d) for d in v) for k, v in seen.items()}
+    seen.clear()
+    x_hat, _ = trainer.generator_step(x)
+    trainer.discriminator_step(x, x_hat)
+    # the dtypes in which ZeRO reduces the gradients (its buckets by communication dtype)
+    grads = {dtype for engine in (trainer.engine_g, trainer.engine_d) for dtype in engine.optimizer.ipg_buckets}
+    params = {p.dtype for p in [*trainer.generator.parameters(), *trainer.discriminator.parameters()]}
+    return {"convs": {k: sorted(str(d) for d in v) for k, v in seen.items()}, "engines_alone": engines_alone,
+            "params": sorted(str(d) for d in params), "grads": sorted(str(d) for d in grads),
+            "codebook": str(trainer.quantizer.codebook.weight.dtype), "bf16": trainer.bf16}
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_every_conv_of_g_and_d_runs_bf16_under_precision_bf16(demo_data, tmp_path, modality):
+    if modality == "image":
+        config, overrides = "image_demo.yaml", tiny_overrides(demo_data, tmp_path / "run", "train.precision=bf16")
+    else:
+        config = "audio_demo.yaml"
+        overrides = [*AUDIO_TINY, f"data.train_shards={demo_data['audio_train']}",
+                     f"data.val_shards={demo_data['audio_val']}", f"train.out_dir={tmp_path / 'run'}",
+                     "train.precision=bf16"]
+    result = run_distributed(conv_dtypes_worker, 1, config, overrides, timeout_s=300)[0]
+    assert result["bf16"]
+    generator = [k for k in result["convs"] if k.startswith("G.")]
+    discriminator = [k for k in result["convs"] if k.startswith("D.")]
+    assert generator and discriminator  # the hooks did see both networks
+    for where in ("engines_alone", "convs"):
+        fp32 = {k: v for k, v in result[where].items() if v != ["torch.bfloat16"]}
+        assert not fp32, f"{where}: convolutions not in bf16: {fp32}"
+    assert set(result["engines_alone"]) == set(result["convs"])
+    assert result["params"] == ["torch.float32"] and result["codebook"] == "torch.float32"
+    assert result["grads"] == ["torch.float32"]  # gradient reductions stay fp32
+
+
+def test_fp32_precision_keeps_every_conv_fp32(demo_data, tmp_path):
+    overrides = tiny_overrides(demo_data, tmp_path / "run", "train.precision=fp32")
+    result = run_distributed(conv_dtypes_worker, 1, "image_demo.yaml", overrides, timeout_s=300)[0]
+    assert not result["bf16"]
+    assert all(v == ["torch.float32"] for where in ("engines_alone", "convs") for v in result[where].values())

@@ -112,7 +112,7 @@ class ModelConfig:
     audio: AudioModelConfig = field(default_factory=AudioModelConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     ema_decay: float = 0.999  # EMA of the generator weights, used for evaluation and export
-    channels_last: bool = True  # NHWC activations on GPU (weights stay NCHW: DeepSpeed flattens them)
+    channels_last: bool = False  # NHWC image batches on GPU (weights stay NCHW: DeepSpeed flattens them)
 
 
 @dataclass
@@ -160,7 +160,7 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_last: int = 3
     nan_policy: str = "skip"  # skip | stop
-    compile: str = "auto"  # torch.compile the encoder, decoder and discriminator: auto (on for CUDA) | on | off
+    compile: str = "auto"  # torch.compile the encoder, decoder and discriminator: auto (on CUDA) | true | false
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
 
 
@@ -191,7 +191,7 @@ class Config:
         _check(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
         _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision={t.precision!r} is not auto|bf16|fp32")
         _check(t.nan_policy in ("skip", "stop"), f"train.nan_policy={t.nan_policy!r} is not skip|stop")
-        _check(t.compile in ("auto", "on", "off"), f"train.compile={t.compile!r} is not auto|on|off")
+        _check(t.compile in ("auto", "true", "false"), f"train.compile={t.compile!r} is not auto|true|false")
         _check(t.compile_mode in ("default", "reduce-overhead", "max-autotune"),
                f"train.compile_mode={t.compile_mode!r} is not default|reduce-overhead|max-autotune")
         _check(t.log_every > 0 and t.ckpt_every > 0 and t.images_every > 0,
@@ -313,7 +313,9 @@ def _coerce(tp: Any, value: Any, source: str, dotted: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp is str and isinstance(value, bool):
+        return str(value).lower()  # YAML 1.1 reads on/off/yes/no as booleans: train.compile: on -> "true"
+    if tp is str and isinstance(value, (int, float)):
         return str(value)  # e.g. shard.group: 8
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{source}: {dotted}={value!r} should be {tp.__name__}, got {type(value).__name__}")

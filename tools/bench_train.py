@@ -2,7 +2,7 @@
 
     python tools/bench_train.py --config configs/image_262k.yaml --steps 30
     python tools/bench_train.py --config configs/image_262k.yaml --set quantizer.codebook_size=1048576 \\
-        --baseline eager-fp32:train.compile=off,train.precision=fp32
+        --baseline eager-fp32:train.compile=false,train.precision=fp32
     python tools/bench_train.py --config configs/audio_262k.yaml --set train.global_batch=20 --steps 30
 
 Each variant builds the real Trainer (models, quantizer, both DeepSpeed engines, the metrics) from the
@@ -68,13 +68,13 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
     trainer.engine_g.train()
     trainer.engine_d.train()
     generator = torch.Generator(device=device).manual_seed(0)
-    pool = [synthetic_batch(trainer, generator) for _ in range(4)]
+    pool = [trainer.to_device(synthetic_batch(trainer, generator)) for _ in range(4)]
     batches = iter(trainer.loader) if args.data == "real" else None
 
     def batch(i: int) -> torch.Tensor:
         if batches is None:
             return pool[i % len(pool)]
-        return next(batches)["x"].to(device, non_blocking=True)
+        return trainer.to_device(next(batches)["x"])
 
     warmup_times = []
     for i in range(args.warmup):
@@ -83,26 +83,14 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
         synchronize(device)
         warmup_times.append(time.perf_counter() - start)
         print(f"[{name}] warm-up step {i + 1}/{args.warmup}: {warmup_times[-1]:.2f} s", flush=True)
-    profiler = None
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=False)
-        profiler.__enter__()
     synchronize(device)
     start = time.perf_counter()
     for i in range(args.steps):
         trainer.train_step(batch(i))
     synchronize(device)
     elapsed = time.perf_counter() - start
-    if profiler is not None:
-        profiler.__exit__(None, None, None)
-        table = profiler.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total",
-                                              row_limit=args.profile_rows)
-        Path(args.profile).mkdir(parents=True, exist_ok=True)
-        (Path(args.profile) / f"{name}.txt").write_text(table)
-        profiler.export_chrome_trace(str(Path(args.profile) / f"{name}.json"))
-        print(table, flush=True)
+    if args.profile:  # a few more steps under the profiler, after (and apart from) the timed ones
+        profile_steps(trainer, batch, name, args, device)
     step_s = elapsed / args.steps
     samples = cfg.train.global_batch
     unit = trainer.modality.samples_per_unit(cfg.data)
@@ -127,6 +115,22 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
     del trainer, pool, batches
     gc.collect()
     return row
+
+
+def profile_steps(trainer, batch, name: str, args, device: torch.device) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for i in range(args.profile_steps):
+            trainer.train_step(batch(i))
+        synchronize(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort, row_limit=args.profile_rows)
+    folder = Path(args.profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.txt").write_text(table)
+    print(f"[{name}] profile of {args.profile_steps} steps ({folder / name}.txt):\n{table}", flush=True)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -156,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
     parser.add_argument("--out-dir", default="runs/bench_train", help="run folders of the variants (nothing is written "
                                                                       "there unless a variant logs or saves)")
-    parser.add_argument("--profile", default="", metavar="DIR", help="torch.profiler table and trace per variant")
+    parser.add_argument("--profile", default="", metavar="DIR",
+                        help="after timing, profile --profile-steps more steps of each variant (table per variant)")
+    parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--profile-rows", type=int, default=40)
     parser.add_argument("--json", default="", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
@@ -173,16 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = []
     for name, overrides in [("default", []), *args.baseline]:
-        rows.append(run_variant(name, args.config, overrides, args, device))
-        print(f"[{name}] {rows[-1]['units_per_s']:.1f} {rows[-1]['unit']}/s, {rows[-1]['step_ms']:.1f} ms/step, "
-              f"{rows[-1]['peak_mem_gib']:.1f} GiB", flush=True)
-    print(format_table(rows), flush=True)
-    for row in rows:
-        line = json.dumps({"bench": "train", **row, "speedup_of_default": rows[0]["units_per_s"] / row["units_per_s"]})
-        print(line, flush=True)
+        row = run_variant(name, args.config, overrides, args, device)
+        row["default_over_variant"] = (rows[0] if rows else row)["units_per_s"] / row["units_per_s"]
+        rows.append(row)
+        line = json.dumps({"bench": "train", **row})
+        print(line, flush=True)  # each variant as soon as it is measured: a later failure loses nothing
         if args.json:
             with open(args.json, "a") as f:
                 f.write(line + "\n")
+    print(format_table(rows), flush=True)
     return 0
 
 

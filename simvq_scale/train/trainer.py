@@ -97,7 +97,7 @@ class Trainer:
 
     def _compile_enabled(self) -> bool:
         setting = self.cfg.train.compile
-        return setting == "on" or (setting == "auto" and self.device.type == "cuda")
+        return setting == "true" or (setting == "auto" and self.device.type == "cuda")
 
     def describe(self) -> dict:
         """The `--dry-run` summary."""
@@ -140,6 +140,13 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     # ------------------------------------------------------------------ the step
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch from the loader on this rank's device, in the memory layout the networks run in."""
+        x = x.to(self.device, non_blocking=True)
+        if x.dim() == 4 and self.device.type == "cuda" and self.cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def train_step(self, batch: torch.Tensor) -> None:
         """One optimizer step of G and D on this rank's part of the global batch (micro_batch x accumulation
@@ -205,10 +212,7 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(self.batches)
             waited = time.perf_counter() - t0
-            x = batch["x"].to(self.device, non_blocking=True)
-            if x.dim() == 4 and self.device.type == "cuda" and cfg.model.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            self.train_step(x)
+            self.train_step(self.to_device(batch["x"]))
             self.metrics.end_step(waited)
             if first:
                 self.log.console(f"first step done ({time.perf_counter() - t0:.1f} s{', compiling' if self.compiled else ''})")

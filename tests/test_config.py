@@ -31,10 +31,10 @@ def test_wrong_type_names_the_value(tmp_path):
 
 def test_overrides_apply_after_the_file_with_yaml_typing(tmp_path):
     cfg = load_config(write(tmp_path, "quantizer:\n  codebook_size: 10\noptim:\n  lr: 1e-4\n"),
-                      ["quantizer.codebook_size=262144", "optim.lr=2e-4", "quantizer.fsq_levels=[8,5,5]"])
+                      ["quantizer.codebook_size=262144", "optim.lr=2e-4", "quantizer.fsq.levels=[8,5,5]"])
     assert cfg.quantizer.codebook_size == 262144
     assert cfg.optim.lr == pytest.approx(2e-4)
-    assert cfg.quantizer.fsq_levels == [8, 5, 5]
+    assert cfg.quantizer.fsq.levels == [8, 5, 5]
 
 
 @pytest.mark.parametrize("override, needle", [

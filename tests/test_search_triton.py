@@ -17,7 +17,11 @@ import pytest
 import torch
 
 from simvq_scale.quant import search_triton
-from simvq_scale.quant.search import nearest_code, nearest_code_torch
+from simvq_scale.quant.nearest import nearest_code
+from simvq_scale.quant.search import nearest_code_torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from search_check import fp64_excess  # noqa: E402 - tools/ holds the exactness yardsticks
 
 pytestmark = pytest.mark.skipif(search_triton.triton is None, reason="Triton is not installed")
 
@@ -61,10 +65,10 @@ def check_case(kind: str, n: int, k: int, d: int, seed: int, device: str = "cpu"
     z, codes, planted = make_case(kind, n, k, d, seed, device)
     dist, idx, fallback = search_triton.search_with_stats(z, codes, **search_triton.fit_tiles(d))
     ref_dist, ref_idx = nearest_code_torch(z, codes)
-    excess, tolerance = search_triton.fp64_excess(z, codes, idx)
+    excess, tolerance = fp64_excess(z, codes, idx)
     planted_tokens = sorted(planted)
     return {
-        "kind": kind, "n": n, "k": k, "d": d, "fallback": fallback,
+        "kind": kind, "n": n, "k": k, "d": d, "fallback": int(fallback),
         "mismatches": int((idx != ref_idx).sum()),
         "wrong": int((excess > tolerance).sum()),
         "planted_wrong": int(sum(int(idx[t]) != planted[t] for t in planted_tokens)),
@@ -165,7 +169,7 @@ def test_gpu_dispatch_uses_the_kernel_and_matches():
     dist, idx = nearest_code(z, codes, impl="triton")
     ref_dist, ref_idx = nearest_code_torch(z, codes)
     assert torch.equal(idx, ref_idx)
-    _, tolerance = search_triton.fp64_excess(z, codes, idx)
+    _, tolerance = fp64_excess(z, codes, idx)
     assert ((dist.double() - ref_dist.double()).abs() <= tolerance).all()
 
 

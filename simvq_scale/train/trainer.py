@@ -32,7 +32,7 @@ from simvq_scale.inference import export_generator
 from simvq_scale.losses import build_objective
 from simvq_scale.models import build_generator
 from simvq_scale.models.discriminators import build_discriminator
-from simvq_scale.quant.factory import build_quantizer
+from simvq_scale.quant import build_quantizer
 from simvq_scale.quant.stats import CodebookUsage, weight_spectrum
 from simvq_scale.train.checkpoint import Checkpointer
 from simvq_scale.train.logging import NoOpLogger, RunLogger, format_eta
@@ -154,7 +154,7 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, out / "config.yaml")
         dist.barrier()
-        if cfg.quantizer.init_from_data and not resuming:
+        if self.quantizer.init_from_data and not resuming:
             self._init_quantizer_from_data()
         self.ema = copy.deepcopy(self.generator).requires_grad_(False).eval()
         self.ema_buffers = _share_frozen_buffers(self.ema, self.generator)
@@ -176,12 +176,8 @@ class Trainer:
 
     @torch.no_grad()
     def _init_quantizer_from_data(self) -> None:
-        """quantizer.init_from_data: W and b from the encoder's tokens on one batch per rank (all ranks'
+        """quantizer.simvq.init_from_data: W and b from the encoder's tokens on one batch per rank (all ranks'
         statistics), before the engines exist (ZeRO keeps its own master copy of the weights after)."""
-        init = getattr(self.quantizer, "init_from_tokens", None)
-        if init is None:
-            raise ValueError(f"quantizer.init_from_data is set but quantizer.kind={self.cfg.quantizer.kind!r} "
-                             "has no data-dependent start (SimVQ has)")
         batch = next(iter(build_train_loader(self.cfg.data, self.micro_batch, self.rank, self.world)))
         with self._autocast():
             z = self.generator.encoder(batch["x"].to(self.device))
@@ -192,7 +188,7 @@ class Trainer:
         count = moments[-1]
         mean = moments[:dim] / count
         std = (moments[dim : 2 * dim] / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6)
-        init(mean, std)
+        self.quantizer.init_from_tokens(mean, std)
 
     # ------------------------------------------------------------------ state
 

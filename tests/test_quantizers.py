@@ -156,3 +156,33 @@ def test_vq_ema_update_on_two_gloo_ranks_equals_one_process_on_the_whole_batch()
         for key in state:
             torch.testing.assert_close(r["state"][key], single["state"][key], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(single["state"]["embedding"], state["embedding"])  # the update did something
+
+
+def test_every_declared_kind_has_exactly_one_registered_builder():
+    from simvq_scale.quant import register_quantizer, registered_kinds
+
+    assert sorted(registered_kinds()) == sorted(QUANTIZER_KINDS)
+    with pytest.raises(ValueError, match="'pq' is not declared in config.QUANTIZER_KINDS"):
+        register_quantizer("pq")
+    with pytest.raises(ValueError, match="'vq' is registered twice"):
+        register_quantizer("vq")(lambda cfg: None)
+
+
+@pytest.mark.parametrize("kind", QUANTIZER_KINDS)
+def test_search_fallbacks_counter_is_a_device_buffer_outside_checkpoints(kind, lc_features):
+    q = make(kind, lc_features)
+    assert q.search_fallbacks.dtype == torch.int64 and q.search_fallbacks.dim() == 0
+    assert "search_fallbacks" not in q.state_dict()
+    q(torch.randn(8, DIM))
+    assert int(q.search_fallbacks) == 0  # the torch search has no fallback; the fused one adds its count
+
+
+def test_data_dependent_start_is_simvqs_option_only():
+    cfg = QuantizerConfig(kind="simvq", codebook_size=K, dim=DIM)
+    cfg.simvq.init_from_data = True
+    assert build_quantizer(cfg).init_from_data
+    cfg.kind = "vq"  # the simvq section is inert for another kind
+    vq = build_quantizer(cfg)
+    assert not vq.init_from_data
+    with pytest.raises(NotImplementedError, match="VQ has no data-dependent start"):
+        vq.init_from_tokens(torch.zeros(DIM), torch.ones(DIM))

@@ -105,7 +105,8 @@ class LCOptions:
         try:
             shape = np.load(self.features, mmap_mode="r").shape
         except (OSError, ValueError) as error:
-            raise ConfigError(f"quantizer.lc.features={self.features!r} is not a readable .npy array: {error}") from None
+            raise ConfigError(f"quantizer.lc.features={self.features!r} is not a readable .npy array: "
+                              f"{error}") from None
         _check(len(shape) == 2 and shape[0] == q.codebook_size,
                f"quantizer.lc.features={self.features!r} holds an array of shape {shape}; expected "
                f"({q.codebook_size}, feature_dim) for quantizer.codebook_size={q.codebook_size}")

@@ -252,10 +252,11 @@ if triton is not None:
             tl.store(idx_ptr + token, best_idx.to(tl.int64))
         else:
             key = tl.load(keys_ptr + token)
-            ordered = (key >> 32).to(tl.int32)
+            high = key >> 32  # arithmetic shift: the ordered distance bits, sign included
+            ordered = high.to(tl.int32)
             bits = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
             tl.store(dist_ptr + token, bits.to(tl.float32, bitcast=True))
-            tl.store(idx_ptr + token, key & 0xFFFFFFFF)
+            tl.store(idx_ptr + token, key - high * 4294967296)  # the low 32 bits (no uint32 literal)
 
 
 def _next_pow2(x: int) -> int:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -29,29 +30,143 @@ class ShardConfig:
     group: str = "none"
 
 
+# Every quantizer kind, in one place. A kind's own options are the QuantizerConfig section of the same
+# name (vq has none); quant/registry.py refuses a builder for a kind that is not listed here.
+QUANTIZER_KINDS = ("simvq", "vq", "vq_ema", "fc", "fsq", "lfq", "lc")
+SEARCH_IMPLS = ("auto", "torch", "triton")  # auto: the fused kernel on CUDA (quant/nearest.py)
+
+
+@dataclass
+class SimVQOptions:
+    bias: bool = True  # bias b of the projection (codes C W^T + b), on as in the reference code
+    train_codebook: bool = False  # ablation (paper Table 4): C trainable too
+    # start W, b so the projected codes have the first batch's per-dimension mean and spread;
+    # an encoder whose tokens barely differ at init (SEANet) otherwise sends every token to one code
+    init_from_data: bool = False
+
+    def check(self, q: "QuantizerConfig") -> None:
+        _check(not (self.train_codebook and q.shard.group != "none"),
+               f"quantizer.simvq.train_codebook=true with quantizer.shard.group={q.shard.group!r}: a sharded "
+               "codebook is frozen (regenerated from the seed); use shard.group=none")
+
+
+@dataclass
+class VQEMAOptions:
+    decay: float = 0.99  # of the codes' running means (model.ema_decay is the generator's weight EMA)
+    epsilon: float = 1e-5  # Laplace smoothing of the cluster sizes
+
+    def check(self, q: "QuantizerConfig") -> None:
+        _check(0.0 < self.decay < 1.0, f"quantizer.vq_ema.decay={self.decay} must be in (0, 1)")
+        _check(self.epsilon > 0, f"quantizer.vq_ema.epsilon={self.epsilon} must be > 0")
+
+
+@dataclass
+class FCOptions:
+    low_dim: int = 8  # the l2-normalised low-dimensional space the codes live and are searched in
+
+    def check(self, q: "QuantizerConfig") -> None:
+        _check(self.low_dim > 0, f"quantizer.fc.low_dim={self.low_dim} must be > 0")
+
+
+@dataclass
+class FSQOptions:
+    levels: list[int] = field(default_factory=lambda: [8, 8, 8, 5, 5, 5])  # product = codebook_size
+
+    def check(self, q: "QuantizerConfig") -> None:
+        _check(bool(self.levels) and all(level >= 2 for level in self.levels),
+               f"quantizer.fsq.levels={self.levels} needs at least one level and every level >= 2")
+        codes = math.prod(self.levels)
+        _check(codes == q.codebook_size, f"quantizer.fsq.levels={self.levels} make {codes} codes but "
+               f"quantizer.codebook_size={q.codebook_size}; make them agree")
+
+
+@dataclass
+class LFQOptions:
+    entropy_weight: float = 0.1
+    diversity_gamma: float = 1.0
+
+    def check(self, q: "QuantizerConfig") -> None:
+        k = q.codebook_size
+        _check(k >= 2 and k & (k - 1) == 0,
+               f"quantizer.codebook_size={k} must be a power of 2 (>= 2) for kind lfq (one sign bit per channel)")
+
+
+@dataclass
+class LCOptions:
+    features: str = ""  # .npy of frozen code features (codebook_size x feature_dim)
+    bias: bool = True  # bias of the projection, as SimVQ's
+
+    def check(self, q: "QuantizerConfig") -> None:
+        _check(bool(self.features), "quantizer.lc.features is empty: kind lc needs a .npy file of code features")
+        _check(Path(self.features).is_file(),
+               f"quantizer.lc.features={self.features!r}: no such .npy file of LC code features")
+        import numpy as np  # reads the header only (memory-mapped); keeps this module torch-free
+
+        try:
+            shape = np.load(self.features, mmap_mode="r").shape
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"quantizer.lc.features={self.features!r} is not a readable .npy array: "
+                              f"{error}") from None
+        _check(len(shape) == 2 and shape[0] == q.codebook_size,
+               f"quantizer.lc.features={self.features!r} holds an array of shape {shape}; expected "
+               f"({q.codebook_size}, feature_dim) for quantizer.codebook_size={q.codebook_size}")
+
+
 @dataclass
 class QuantizerConfig:
-    kind: str = "simvq"  # simvq | vq | vq_ema | fc | fsq | lfq | lc
+    kind: str = "simvq"  # one of QUANTIZER_KINDS; its own options are the section of the same name
     codebook_size: int = 65536
     dim: int = 128
     beta: float = 0.25  # weight of |z - sg(q)|^2 (the encoder's commitment)
     seed: int = 0  # seeds the frozen Gaussian codebook C
-    bias: bool = True  # bias of the SimVQ projection W, on as in the reference code
-    train_codebook: bool = False  # SimVQ ablation (paper Table 4): C trainable too
     search_chunk: int = 8192  # codes per block of the chunked exact search
     search_impl: str = "auto"  # auto | torch | triton
-    ema_decay: float = 0.99  # vq_ema
-    ema_epsilon: float = 1e-5  # vq_ema Laplace smoothing
-    fc_dim: int = 8  # fc: low-dimensional code space
-    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 8, 5, 5, 5])
-    lfq_entropy_weight: float = 0.1
-    lfq_diversity_gamma: float = 1.0
-    lc_features: str = ""  # lc: .npy of frozen code features (K x feature_dim)
     usage_window_tokens: int = 1_048_576  # tokens over which utilization is counted
-    # SimVQ: start W, b so the projected codes have the first batch's per-dimension mean and spread;
-    # an encoder whose tokens barely differ at init (SEANet) otherwise sends every token to one code
-    init_from_data: bool = False
     shard: ShardConfig = field(default_factory=ShardConfig)
+    simvq: SimVQOptions = field(default_factory=SimVQOptions)
+    vq_ema: VQEMAOptions = field(default_factory=VQEMAOptions)
+    fc: FCOptions = field(default_factory=FCOptions)
+    fsq: FSQOptions = field(default_factory=FSQOptions)
+    lfq: LFQOptions = field(default_factory=LFQOptions)
+    lc: LCOptions = field(default_factory=LCOptions)
+
+    # keys of the former flat layout, refused by name with their new place
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        "bias": "quantizer.simvq.bias (quantizer.lc.bias for kind lc)",
+        "train_codebook": "quantizer.simvq.train_codebook",
+        "init_from_data": "quantizer.simvq.init_from_data",
+        "ema_decay": "quantizer.vq_ema.decay",
+        "ema_epsilon": "quantizer.vq_ema.epsilon",
+        "fc_dim": "quantizer.fc.low_dim",
+        "fsq_levels": "quantizer.fsq.levels",
+        "lfq_entropy_weight": "quantizer.lfq.entropy_weight",
+        "lfq_diversity_gamma": "quantizer.lfq.diversity_gamma",
+        "lc_features": "quantizer.lc.features",
+    }
+
+    @property
+    def options(self):
+        """The chosen kind's own section (None for vq, which has no options of its own)."""
+        return getattr(self, self.kind, None)
+
+    def validate(self) -> "QuantizerConfig":
+        """Every impossible quantizer value as a one-line ConfigError; returns self. Only the chosen kind's
+        section is checked (the others are inert); the shard group's fit to the world size: Config.validate."""
+        _check(self.kind in QUANTIZER_KINDS, f"quantizer.kind={self.kind!r} is not one of {list(QUANTIZER_KINDS)}")
+        _check(self.codebook_size > 0, f"quantizer.codebook_size={self.codebook_size} must be > 0")
+        _check(self.dim > 0, f"quantizer.dim={self.dim} must be > 0")
+        _check(self.beta >= 0, f"quantizer.beta={self.beta} must be >= 0")
+        _check(self.search_chunk > 0, f"quantizer.search_chunk={self.search_chunk} must be > 0")
+        _check(self.search_impl in SEARCH_IMPLS,
+               f"quantizer.search_impl={self.search_impl!r} is not {'|'.join(SEARCH_IMPLS)}")
+        _check(self.usage_window_tokens > 0,
+               f"quantizer.usage_window_tokens={self.usage_window_tokens} must be > 0")
+        _check(self.shard.group == "none" or self.kind == "simvq",
+               f"quantizer.shard.group={self.shard.group!r} shards the frozen SimVQ codebook; "
+               f"quantizer.kind={self.kind!r} has none to shard (use shard.group=none)")
+        if self.options is not None:
+            self.options.check(self)
+        return self
 
 
 @dataclass
@@ -175,15 +290,7 @@ class Config:
 
     def validate(self, world_size: int = 1) -> "Config":
         """Check values that types cannot; returns self so calls chain."""
-        q, t = self.quantizer, self.train
-        _check(q.kind in QUANTIZER_KINDS, f"quantizer.kind={q.kind!r} is not one of {sorted(QUANTIZER_KINDS)}")
-        _check(q.codebook_size > 0, f"quantizer.codebook_size={q.codebook_size} must be > 0")
-        _check(q.dim > 0, f"quantizer.dim={q.dim} must be > 0")
-        _check(q.search_chunk > 0, f"quantizer.search_chunk={q.search_chunk} must be > 0")
-        _check(q.search_impl in ("auto", "torch", "triton"), f"quantizer.search_impl={q.search_impl!r} is not auto|torch|triton")
-        _check(0.0 < q.ema_decay < 1.0, f"quantizer.ema_decay={q.ema_decay} must be in (0, 1)")
-        _check(all(level >= 2 for level in q.fsq_levels), f"quantizer.fsq_levels={q.fsq_levels} needs every level >= 2")
-        _check(q.usage_window_tokens > 0, f"quantizer.usage_window_tokens={q.usage_window_tokens} must be > 0")
+        q, t = self.quantizer.validate(), self.train
         from simvq_scale.modality import get_modality  # the registry of modalities (lazy: it imports this module)
 
         get_modality(self.data.modality)
@@ -201,9 +308,6 @@ class Config:
         shard_group_size(q.shard.group, world_size)
         micro_batch_and_accumulation(t.global_batch, t.micro_batch, world_size)
         return self
-
-
-QUANTIZER_KINDS = frozenset({"simvq", "vq", "vq_ema", "fc", "fsq", "lfq", "lc"})
 
 
 def _check(ok: bool, message: str) -> None:
@@ -278,10 +382,13 @@ def from_dict(cls: type, raw: dict[str, Any], source: str = "<dict>", prefix: st
     """Build dataclass `cls` from nested dicts, refusing unknown keys and wrong types."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    moved = getattr(cls, "MOVED_KEYS", {})
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
-        if key not in hints:
+        if key in moved:
+            raise ConfigError(f"{source}: {dotted} moved to {moved[key]}")
+        if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
             raise ConfigError(f"{source}: unknown config key {dotted!r}{hint}")

@@ -103,7 +103,7 @@ def inference_config(raw: dict, source: str) -> Config:
 
 def build_from_config(cfg: Config) -> nn.Module:
     from simvq_scale.modality import get_modality
-    from simvq_scale.quant.factory import build_quantizer
+    from simvq_scale.quant import build_quantizer
 
     return get_modality(cfg.data.modality).build_generator(cfg, build_quantizer(cfg.quantizer))
 

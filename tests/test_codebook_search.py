@@ -1,7 +1,8 @@
 import torch
 
 from simvq_scale.quant.codebook import ROWS_PER_BLOCK, gaussian_rows, shard_range
-from simvq_scale.quant.search import SCORE_BLOCK_ELEMENTS, nearest_code, nearest_code_torch
+from simvq_scale.quant.nearest import nearest_code
+from simvq_scale.quant.search import SCORE_BLOCK_ELEMENTS, nearest_code_torch
 
 
 def fp64_argmin(z, codes):

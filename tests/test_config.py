@@ -31,10 +31,10 @@ def test_wrong_type_names_the_value(tmp_path):
 
 def test_overrides_apply_after_the_file_with_yaml_typing(tmp_path):
     cfg = load_config(write(tmp_path, "quantizer:\n  codebook_size: 10\noptim:\n  lr: 1e-4\n"),
-                      ["quantizer.codebook_size=262144", "optim.lr=2e-4", "quantizer.fsq_levels=[8,5,5]"])
+                      ["quantizer.codebook_size=262144", "optim.lr=2e-4", "quantizer.fsq.levels=[8,5,5]"])
     assert cfg.quantizer.codebook_size == 262144
     assert cfg.optim.lr == pytest.approx(2e-4)
-    assert cfg.quantizer.fsq_levels == [8, 5, 5]
+    assert cfg.quantizer.fsq.levels == [8, 5, 5]
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -76,3 +76,75 @@ def test_every_shipped_config_loads_and_validates():
     assert configs, "no configs/*.yaml found"
     for path in configs:
         load_config(path).validate(world_size=1)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("bias", "quantizer.simvq.bias"), ("train_codebook", "quantizer.simvq.train_codebook"),
+    ("init_from_data", "quantizer.simvq.init_from_data"), ("ema_decay", "quantizer.vq_ema.decay"),
+    ("ema_epsilon", "quantizer.vq_ema.epsilon"), ("fc_dim", "quantizer.fc.low_dim"),
+    ("fsq_levels", "quantizer.fsq.levels"), ("lfq_entropy_weight", "quantizer.lfq.entropy_weight"),
+    ("lfq_diversity_gamma", "quantizer.lfq.diversity_gamma"), ("lc_features", "quantizer.lc.features"),
+])
+def test_keys_of_the_flat_quantizer_layout_name_their_new_place(tmp_path, old, new):
+    path = write(tmp_path, f"quantizer:\n  {old}: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    message = str(e.value)
+    assert f"quantizer.{old} moved to {new}" in message and str(path) in message and "\n" not in message
+    with pytest.raises(ConfigError, match=f"quantizer.{old} moved to {new}"):
+        load_config(overrides=[f"quantizer.{old}=1"])
+
+
+def test_each_kind_has_its_own_section_and_model_ema_decay_is_apart():
+    cfg = load_config(overrides=["quantizer.kind=vq_ema", "quantizer.vq_ema.decay=0.9", "model.ema_decay=0.5",
+                                 "quantizer.simvq.init_from_data=true", "quantizer.lfq.entropy_weight=0.2"])
+    assert cfg.quantizer.options is cfg.quantizer.vq_ema and cfg.quantizer.vq_ema.decay == 0.9
+    assert cfg.model.ema_decay == 0.5
+    assert cfg.quantizer.simvq.init_from_data and cfg.quantizer.lfq.entropy_weight == 0.2
+    assert load_config(overrides=["quantizer.kind=vq"]).quantizer.options is None
+
+
+def _lc_file(tmp_path, shape):
+    import numpy as np
+
+    path = tmp_path / "features.npy"
+    np.save(path, np.zeros(shape, dtype=np.float32))
+    return str(path)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["quantizer.kind=fsq", "quantizer.codebook_size=100", "quantizer.fsq.levels=[4,4]"],
+     "quantizer.fsq.levels=[4, 4] make 16 codes but quantizer.codebook_size=100"),
+    (["quantizer.kind=fsq", "quantizer.codebook_size=8", "quantizer.fsq.levels=[8,1]"],
+     "quantizer.fsq.levels=[8, 1] needs at least one level and every level >= 2"),
+    (["quantizer.kind=lfq", "quantizer.codebook_size=1000"], "quantizer.codebook_size=1000 must be a power of 2"),
+    (["quantizer.kind=lc"], "quantizer.lc.features is empty"),
+    (["quantizer.kind=lc", "quantizer.lc.features=/nonexistent/f.npy"], "quantizer.lc.features='/nonexistent/f.npy'"),
+    (["quantizer.kind=vq", "quantizer.shard.group=world"], "quantizer.kind='vq' has none to shard"),
+    (["quantizer.simvq.train_codebook=true", "quantizer.shard.group=world"],
+     "quantizer.simvq.train_codebook=true with quantizer.shard.group='world'"),
+    (["quantizer.search_impl=cuda"], "quantizer.search_impl='cuda' is not auto|torch|triton"),
+    (["quantizer.kind=vq_ema", "quantizer.vq_ema.decay=1.0"], "quantizer.vq_ema.decay=1.0 must be in (0, 1)"),
+    (["quantizer.kind=fc", "quantizer.fc.low_dim=0"], "quantizer.fc.low_dim=0 must be > 0"),
+    (["quantizer.beta=-1"], "quantizer.beta=-1.0 must be >= 0"),
+])
+def test_impossible_quantizer_values_fail_at_validate_in_one_line(overrides, needle):
+    cfg = load_config(overrides=overrides)  # loading alone accepts them: the types are right
+    with pytest.raises(ConfigError) as e:
+        cfg.validate(world_size=2)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lc_features_file_is_checked_for_its_shape_at_validate(tmp_path):
+    good = _lc_file(tmp_path, (64, 12))
+    load_config(overrides=["quantizer.kind=lc", "quantizer.codebook_size=64", f"quantizer.lc.features={good}"]).validate()
+    with pytest.raises(ConfigError, match=r"holds an array of shape \(64, 12\); expected \(65, feature_dim\)"):
+        load_config(overrides=["quantizer.kind=lc", "quantizer.codebook_size=65",
+                               f"quantizer.lc.features={good}"]).validate()
+
+
+def test_only_the_chosen_kinds_section_is_checked():
+    # the audio configs set simvq options; switching the kind must not trip over another kind's section
+    cfg = load_config(overrides=["quantizer.kind=simvq", "quantizer.fsq.levels=[4,4]", "quantizer.lfq.entropy_weight=-1",
+                                 "quantizer.codebook_size=1000"])
+    cfg.validate()

@@ -1,12 +1,12 @@
-"""Every quantizer kind through the factory: the shared interface, gradients, index round trips, VQ-EMA under gloo."""
+"""Every quantizer kind through the registry: the shared interface, gradients, index round trips, VQ-EMA under gloo."""
 
 import numpy as np
 import pytest
 import torch
 
 from dist_utils import run_distributed
-from simvq_scale.config import QUANTIZER_KINDS, QuantizerConfig
-from simvq_scale.quant.factory import build_quantizer
+from simvq_scale.config import QUANTIZER_KINDS, ConfigError, FSQOptions, LCOptions, QuantizerConfig
+from simvq_scale.quant import build_quantizer
 from simvq_scale.quant.fsq import FSQ
 from simvq_scale.quant.lfq import EXACT_ENTROPY_MAX_BITS, LFQ
 from simvq_scale.quant.vq_ema import VQEMA
@@ -23,11 +23,11 @@ def lc_features(tmp_path):
 
 def make(kind: str, lc_features: str = ""):
     torch.manual_seed(0)
-    return build_quantizer(QuantizerConfig(kind=kind, codebook_size=K, dim=DIM, fsq_levels=[4, 4, 4],
-                                           lc_features=lc_features, search_chunk=16, search_impl="torch"))
+    return build_quantizer(QuantizerConfig(kind=kind, codebook_size=K, dim=DIM, fsq=FSQOptions(levels=[4, 4, 4]),
+                                           lc=LCOptions(features=lc_features), search_chunk=16, search_impl="torch"))
 
 
-@pytest.mark.parametrize("kind", sorted(QUANTIZER_KINDS))
+@pytest.mark.parametrize("kind", QUANTIZER_KINDS)
 def test_interface_shapes_range_and_decode(kind, lc_features):
     q = make(kind, lc_features)
     assert q.codebook_size == K and q.dim == DIM
@@ -111,12 +111,12 @@ def test_lfq_exact_codebook_entropy_matches_brute_force_and_factorized_is_an_upp
 
 def test_lc_missing_or_misshapen_features_file_names_the_path(tmp_path):
     missing = tmp_path / "nope.npy"
-    with pytest.raises(FileNotFoundError, match="nope.npy"):
-        build_quantizer(QuantizerConfig(kind="lc", codebook_size=K, dim=DIM, lc_features=str(missing)))
+    with pytest.raises(ConfigError, match="nope.npy"):
+        build_quantizer(QuantizerConfig(kind="lc", codebook_size=K, dim=DIM, lc=LCOptions(features=str(missing))))
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros((K + 1, 4), dtype=np.float32))
-    with pytest.raises(ValueError, match="wrong.npy.*65, 4"):
-        build_quantizer(QuantizerConfig(kind="lc", codebook_size=K, dim=DIM, lc_features=str(wrong)))
+    with pytest.raises(ConfigError, match="wrong.npy.*65, 4"):
+        build_quantizer(QuantizerConfig(kind="lc", codebook_size=K, dim=DIM, lc=LCOptions(features=str(wrong))))
 
 
 def test_lc_codebook_is_frozen_and_only_the_projection_trains(lc_features):
@@ -125,12 +125,12 @@ def test_lc_codebook_is_frozen_and_only_the_projection_trains(lc_features):
     assert q.proj.in_features == 12 and "codebook.weight" not in q.state_dict()
 
 
-def test_factory_rejects_mismatched_fsq_levels_and_sharding_a_baseline():
-    with pytest.raises(ValueError, match="fsq_levels"):
-        build_quantizer(QuantizerConfig(kind="fsq", codebook_size=100, fsq_levels=[4, 4]))
+def test_build_rejects_mismatched_fsq_levels_and_sharding_a_baseline():
+    with pytest.raises(ConfigError, match="fsq.levels"):
+        build_quantizer(QuantizerConfig(kind="fsq", codebook_size=100, fsq=FSQOptions(levels=[4, 4])))
     cfg = QuantizerConfig(kind="vq", codebook_size=K, dim=DIM)
     cfg.shard.group = "world"
-    with pytest.raises(ValueError, match="'vq'"):
+    with pytest.raises(ConfigError, match="'vq'"):
         build_quantizer(cfg)
 
 
@@ -156,3 +156,33 @@ def test_vq_ema_update_on_two_gloo_ranks_equals_one_process_on_the_whole_batch()
         for key in state:
             torch.testing.assert_close(r["state"][key], single["state"][key], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(single["state"]["embedding"], state["embedding"])  # the update did something
+
+
+def test_every_declared_kind_has_exactly_one_registered_builder():
+    from simvq_scale.quant import register_quantizer, registered_kinds
+
+    assert sorted(registered_kinds()) == sorted(QUANTIZER_KINDS)
+    with pytest.raises(ValueError, match="'pq' is not declared in config.QUANTIZER_KINDS"):
+        register_quantizer("pq")
+    with pytest.raises(ValueError, match="'vq' is registered twice"):
+        register_quantizer("vq")(lambda cfg: None)
+
+
+@pytest.mark.parametrize("kind", QUANTIZER_KINDS)
+def test_search_fallbacks_counter_is_a_device_buffer_outside_checkpoints(kind, lc_features):
+    q = make(kind, lc_features)
+    assert q.search_fallbacks.dtype == torch.int64 and q.search_fallbacks.dim() == 0
+    assert "search_fallbacks" not in q.state_dict()
+    q(torch.randn(8, DIM))
+    assert int(q.search_fallbacks) == 0  # the torch search has no fallback; the fused one adds its count
+
+
+def test_data_dependent_start_is_simvqs_option_only():
+    cfg = QuantizerConfig(kind="simvq", codebook_size=K, dim=DIM)
+    cfg.simvq.init_from_data = True
+    assert build_quantizer(cfg).init_from_data
+    cfg.kind = "vq"  # the simvq section is inert for another kind
+    vq = build_quantizer(cfg)
+    assert not vq.init_from_data
+    with pytest.raises(TypeError, match="VQ has no data-dependent start"):
+        vq.init_from_tokens(torch.zeros(4, DIM))

@@ -11,13 +11,20 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from simvq_scale.quant import search_triton
-from simvq_scale.quant.search import nearest_code, nearest_code_torch
+from simvq_scale.quant.nearest import nearest_code
+from simvq_scale.quant.search import nearest_code_torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from search_check import fp64_excess  # noqa: E402 - tools/ holds the exactness yardsticks
 
 pytestmark = pytest.mark.skipif(search_triton.triton is None, reason="Triton is not installed")
 
@@ -61,10 +68,10 @@ def check_case(kind: str, n: int, k: int, d: int, seed: int, device: str = "cpu"
     z, codes, planted = make_case(kind, n, k, d, seed, device)
     dist, idx, fallback = search_triton.search_with_stats(z, codes, **search_triton.fit_tiles(d))
     ref_dist, ref_idx = nearest_code_torch(z, codes)
-    excess, tolerance = search_triton.fp64_excess(z, codes, idx)
+    excess, tolerance = fp64_excess(z, codes, idx)
     planted_tokens = sorted(planted)
     return {
-        "kind": kind, "n": n, "k": k, "d": d, "fallback": fallback,
+        "kind": kind, "n": n, "k": k, "d": d, "fallback": int(fallback),
         "mismatches": int((idx != ref_idx).sum()),
         "wrong": int((excess > tolerance).sum()),
         "planted_wrong": int(sum(int(idx[t]) != planted[t] for t in planted_tokens)),
@@ -94,7 +101,70 @@ def interpreted() -> dict:
                           env=env, cwd=root, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return {(r["kind"], r["n"], r["k"], r["d"]): r for r in results}
+    return {(r["kind"], r["n"], r["k"], r["d"]) if "n" in r else r["kind"]: r for r in results}
+
+
+# aten ops that read tensor values back to the host: each is a device sync on CUDA
+HOST_READ_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.nonzero_static.default",
+                 "aten.masked_select.default", "aten.is_nonzero.default", "aten.equal.default", "aten.item.default",
+                 "aten._unique2.default", "aten.unique_dim.default", "aten.unique_consecutive.default",
+                 "aten.repeat_interleave.Tensor"}
+
+
+def _from_interpreter() -> bool:
+    """Called by Triton's interpreter, whose copies of the arguments stand in for a kernel launch."""
+    return any("triton/runtime/interpreter" in frame.filename for frame in traceback.extract_stack())
+
+
+class HostReadRecorder(TorchDispatchMode):
+    """Records every read of tensor values by the host: .item(), int(), float(), bool(), nonzero,
+    boolean-mask indexing (aten ops seen by this dispatch mode) and .tolist(), .numpy(), .cpu()
+    (which bypass the dispatcher, so they are wrapped while the recorder is active)."""
+
+    WRAPPED = ("tolist", "numpy", "cpu")
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        mask_index = name.startswith("aten.index") and any(
+            isinstance(leaf, torch.Tensor) and leaf.dtype == torch.bool for leaf in tree_leaves(args[1:]))
+        if (name in HOST_READ_OPS or mask_index) and not _from_interpreter():
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self.originals = {name: getattr(torch.Tensor, name) for name in self.WRAPPED}
+        for name, original in self.originals.items():
+            def wrapper(tensor, *args, _name=name, _original=original, **kwargs):
+                if not _from_interpreter():
+                    self.reads.append(f"Tensor.{_name}")
+                return _original(tensor, *args, **kwargs)
+            setattr(torch.Tensor, name, wrapper)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
+
+
+def host_reads_case() -> dict:
+    """The interpreted search with planted duplicates (the fallback runs), under the recorder; and the
+    recorder's own check on the reads the former fallback made."""
+    z, codes, _ = make_case("duplicates", 40, 640, 32, 3)
+    fallbacks = torch.zeros((), dtype=torch.long)
+    with HostReadRecorder() as recorder:
+        _, idx = nearest_code(z, codes, impl="triton", fallbacks=fallbacks)
+        nearest_code(z, codes, impl="triton", fallbacks=fallbacks)
+    with HostReadRecorder() as probe:
+        redo = (z[:, 0] > 0).nonzero().squeeze(1)
+        int(redo.numel() and redo.max()), z[z[:, 0] > 0], redo.tolist()
+    per_call = search_triton.search_with_stats(z, codes, **search_triton.fit_tiles(32))[2]
+    return {"kind": "host_reads", "reads": recorder.reads, "probe": probe.reads, "fallbacks": int(fallbacks),
+            "per_call": int(per_call), "same_indices": bool(torch.equal(idx, nearest_code_torch(z, codes)[1]))}
 
 
 @pytest.mark.parametrize("case", INTERPRET_CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" for c in INTERPRET_CASES])
@@ -116,6 +186,17 @@ def test_interpreted_duplicates_use_fallback_and_lowest_index(interpreted):
     # Tokens with 4-6 copies of their row fill more tiles than are kept: the margin test must refuse them.
     assert result["fallback"] >= sum(1 for t in range(result["planted"]) if t % 6 >= 3), result
     assert result["planted"] == 40 and result["planted_wrong"] == 0 and result["planted_ref_wrong"] == 0
+
+
+def test_interpreted_search_reads_nothing_back_to_the_host(interpreted):
+    result = interpreted["host_reads"]
+    # the recorder sees the reads the former fallback made (nonzero, int(), mask indexing, tolist) ...
+    assert result["probe"] == ["aten.nonzero.default", "aten._local_scalar_dense.default", "aten.index.Tensor",
+                               "Tensor.tolist"], result
+    # ... and none in two searches whose fallback re-scanned tokens, counted on the device
+    assert result["reads"] == [], result
+    assert result["per_call"] > 0 and result["fallbacks"] == 2 * result["per_call"], result
+    assert result["same_indices"], result
 
 
 def test_margin_grows_with_rounding_and_norms():
@@ -165,10 +246,27 @@ def test_gpu_dispatch_uses_the_kernel_and_matches():
     dist, idx = nearest_code(z, codes, impl="triton")
     ref_dist, ref_idx = nearest_code_torch(z, codes)
     assert torch.equal(idx, ref_idx)
-    _, tolerance = search_triton.fp64_excess(z, codes, idx)
+    _, tolerance = fp64_excess(z, codes, idx)
     assert ((dist.double() - ref_dist.double()).abs() <= tolerance).all()
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_search_with_fallback_never_syncs_with_the_host():
+    z, codes, planted = make_case("duplicates", 512, 65_536, 128, seed=3, device="cuda")
+    fallbacks = torch.zeros((), dtype=torch.long, device="cuda")
+    nearest_code(z, codes, impl="triton", fallbacks=fallbacks)  # compiles the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing CUDA call raises
+    try:
+        _, idx = nearest_code(z, codes, impl="triton", fallbacks=fallbacks)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(int(idx[t]) == src for t, src in planted.items())
+    assert int(fallbacks) > 0 and int(fallbacks) % 2 == 0  # two equal calls, each with re-scanned tokens
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--interpret-cases"]:
     for case in INTERPRET_CASES:
         print(json.dumps(check_case(*case)), flush=True)
+    print(json.dumps(host_reads_case()), flush=True)

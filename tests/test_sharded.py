@@ -6,7 +6,9 @@ distributed case (`_worker`) and the tests read its cached results.
 
 import datetime
 import functools
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,20 +18,19 @@ from dist_utils import run_distributed
 from simvq_scale.distributed import codebook_shard_group
 from simvq_scale.quant import sharded
 from simvq_scale.quant.codebook import gaussian_rows, shard_range
-from simvq_scale.quant.search import nearest_code
+from simvq_scale.quant.nearest import nearest_code
 from simvq_scale.quant.sharded import (
     MAX_CODEBOOK_SIZE,
     ShardedCodebook,
     ShardedSearchError,
-    check_main,
-    check_token_counts,
-    check_tokens,
     pack_keys,
-    planted_codes,
     sharded_nearest,
     unpack_index,
 )
 from simvq_scale.quant.simvq import LocalCodebook, SimVQ
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from search_check import check_main, check_token_counts, check_tokens, planted_codes  # noqa: E402 - tools/ harness
 
 # ---------------------------------------------------------------- key packing
 
@@ -97,7 +98,8 @@ def test_without_a_group_the_search_is_local_with_the_row_offset():
     project = torch.nn.Linear(8, 8)
     assert single.row_range == (0, 300)
     assert not single.state_dict(), "the frozen rows are regenerated, never checkpointed"
-    assert torch.equal(single.nearest(z, project), local.nearest(z, project))
+    codes = project(local.weight)
+    assert torch.equal(single.search(z, codes), local.search(z, codes))
     assert torch.equal(single.lookup(torch.tensor([[0, 299], [7, 7]])), local.lookup(torch.tensor([[0, 299], [7, 7]])))
 
 

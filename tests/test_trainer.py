@@ -95,7 +95,7 @@ def losses_by_step(run_dir):
 
 def test_resume_reproduces_the_uninterrupted_run(demo_data, tmp_path):
     # with the data-dependent start on: a resumed run skips it and takes W and b from the checkpoint
-    common = ["train.log_every=1", "train.ckpt_every=2", "train.keep_last=2", "quantizer.init_from_data=true"]
+    common = ["train.log_every=1", "train.ckpt_every=2", "train.keep_last=2", "quantizer.simvq.init_from_data=true"]
     straight = tiny_overrides(demo_data, tmp_path / "straight", *common, "train.steps=4")
     first_half = tiny_overrides(demo_data, tmp_path / "resumed", *common, "train.steps=2")
     second_half = tiny_overrides(demo_data, tmp_path / "resumed", *common, "train.steps=4")

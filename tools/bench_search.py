@@ -15,7 +15,7 @@ triton, how many tokens the margin test sent to the fp32 fallback.
 
 --sharded, under torchrun with P processes on P GPUs (NCCL): times sharded.sharded_nearest with
 --tokens tokens per GPU and a codebook of --codebook-size rows split evenly; rank 0 prints the row.
---check --world-size P --device cpu: prints json.dumps(sharded.check_main(...)) as one line.
+--check --world-size P --device cpu: prints json.dumps(search_check.check_main(...)) as one line.
 
 Examples:
   python tools/bench_search.py --tokens 16384 --codebook-size 262144 1048576 --out search.json
@@ -36,6 +36,8 @@ import torch
 
 from simvq_scale.quant import search_triton
 from simvq_scale.quant.search import SCORE_BLOCK_ELEMENTS, nearest_code_torch, squared_norms
+
+from search_check import check_main, fp64_excess, fp64_optimum  # tools/search_check.py, next to this file
 
 ALL_IMPLS = ("full", "torch_fp32", "torch_tf32", "torch_bf16", "triton")
 
@@ -113,7 +115,7 @@ def bench_one_size(args, codebook_size: int, device: torch.device) -> list[dict]
     codes_sq = squared_norms(codes)
     print(f"[K={k}] exact reference (torch fp32) and fp64 optimum ...", flush=True)
     ref_idx = nearest_code_torch(z, codes, codes_sq)[1]
-    optimum = search_triton.fp64_optimum(z, codes)
+    optimum = fp64_optimum(z, codes)
     rows = []
     for impl in args.impls:
         row = {"N": n, "K": k, "d": d, "P": 1, "impl": impl, "device": torch.cuda.get_device_name(device)}
@@ -142,12 +144,12 @@ def bench_one_size(args, codebook_size: int, device: torch.device) -> list[dict]
         print(f"[K={k}] {impl}: timing {args.repeats} repeats ...", flush=True)
         extra, idx = peak_extra_bytes(fn)
         median_ms, times = time_cuda(fn, args.repeats, args.warmup)
-        excess, tolerance = search_triton.fp64_excess(z, codes, idx, optimum)
+        excess, tolerance = fp64_excess(z, codes, idx, optimum)
         row.update({"time_ms": median_ms, "times_ms": times, "tflops": 2 * n * k * d / (median_ms * 1e-3) / 1e12,
                     "peak_extra_gib": extra / 2**30, "mismatches": int((idx != ref_idx).sum()),
                     "wrong": int((excess > tolerance).sum()), "max_excess": float(excess.max())})
         if "fallback" in stats:
-            row["fallback"] = stats["fallback"]
+            row["fallback"] = int(stats["fallback"])  # a device tensor: read once, after the timing
         rows.append(row)
     del z, codes, codes_sq
     torch.cuda.empty_cache()
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sharded", action="store_true", help="time sharded_nearest (launch under torchrun, NCCL)")
     parser.add_argument("--sharded-impl", default="auto", choices=("auto", "torch", "triton"),
                         help="local search used by each shard")
-    parser.add_argument("--check", action="store_true", help="print sharded.check_main(...) as one JSON line")
+    parser.add_argument("--check", action="store_true", help="print search_check.check_main(...) as one JSON line")
     parser.add_argument("--world-size", type=int, default=2, help="processes for --check")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="--check runs on gloo CPU processes and needs --device cpu")
@@ -238,8 +240,6 @@ def main(argv=None) -> int:
     if args.check:
         if args.device != "cpu":
             raise SystemExit(f"--check runs spawned gloo CPU processes; pass --device cpu (got {args.device})")
-        from simvq_scale.quant.sharded import check_main
-
         print(json.dumps(check_main(args.world_size, args.codebook_size[0], args.tokens, args.dim, args.seed)))
         return 0
     started = time.time()

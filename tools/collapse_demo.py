@@ -28,7 +28,7 @@ import time
 import torch
 
 from simvq_scale.config import QuantizerConfig
-from simvq_scale.quant.factory import build_quantizer
+from simvq_scale.quant import build_quantizer
 from simvq_scale.quant.stats import CodebookUsage
 
 DEMO_KINDS = ("simvq", "vq", "vq_ema", "fc", "fsq", "lfq")
@@ -122,10 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not 1 <= args.intrinsic_dim <= args.dim:
         raise SystemExit(f"--intrinsic-dim {args.intrinsic_dim} must be in [1, --dim {args.dim}]")
     features = gaussian_mixture(n_features, args.dim, args.components, args.intrinsic_dim, generator)
-    levels = [int(v) for v in args.fsq_levels.split(",")] if args.fsq_levels else (
-        default_fsq_levels(k) if args.quantizer == "fsq" else [8, 8, 8, 5, 5, 5])
-    cfg = QuantizerConfig(kind=args.quantizer, codebook_size=k, dim=args.dim, seed=args.seed,
-                          fsq_levels=levels, search_impl="torch")
+    cfg = QuantizerConfig(kind=args.quantizer, codebook_size=k, dim=args.dim, seed=args.seed, search_impl="torch")
+    if args.quantizer == "fsq":
+        cfg.fsq.levels = [int(v) for v in args.fsq_levels.split(",")] if args.fsq_levels else default_fsq_levels(k)
     quantizer = build_quantizer(cfg)
     params = [p for p in quantizer.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr) if params else None

@@ -19,10 +19,25 @@ class QuantizerOutput:
 
 
 class Quantizer(nn.Module, abc.ABC):
-    """forward(z: (..., dim)) -> QuantizerOutput; decode_indices(indices) -> (..., dim)."""
+    """forward(z: (..., dim)) -> QuantizerOutput; decode_indices(indices) -> (..., dim).
+
+    `search_fallbacks` (0-d int64 buffer, not checkpointed) counts, on the device, the tokens the
+    fused search had to re-scan in full fp32 because its margin test could not prove the fast answer;
+    read it at log steps only (reading is a host sync). It stays 0 for kinds without a code search.
+    A kind with `init_from_data` set wants init_from_tokens(tokens) called once before training.
+    """
 
     codebook_size: int
     dim: int
+    init_from_data: bool = False
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("search_fallbacks", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def init_from_tokens(self, tokens: torch.Tensor) -> None:
+        """Data-dependent start from the first tokens (N, dim) of every rank (collective)."""
+        raise TypeError(f"{type(self).__name__} has no data-dependent start")
 
     @abc.abstractmethod
     def forward(self, z: torch.Tensor) -> QuantizerOutput:

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simvq_scale.config import QuantizerConfig
 from simvq_scale.quant.base import Quantizer, QuantizerOutput, commitment_loss, straight_through
+from simvq_scale.quant.registry import register_quantizer
 from simvq_scale.quant.vq import nearest_index
 
 
@@ -33,7 +35,7 @@ class FactorizedVQ(Quantizer):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         low = F.normalize(self.down(z.reshape(-1, self.dim)).float(), dim=-1)
         indices = nearest_index(low, F.normalize(self.embedding.weight.float(), dim=-1),
-                                self.chunk_size, self.search_impl)
+                                self.chunk_size, self.search_impl, self.search_fallbacks)
         q_low = self.low_codes(indices)
         loss = commitment_loss(low, q_low, self.beta)
         z_q = self.up(straight_through(low, q_low)).to(z.dtype).reshape(z.shape)
@@ -41,3 +43,9 @@ class FactorizedVQ(Quantizer):
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.up(self.low_codes(indices))
+
+
+@register_quantizer("fc")
+def build(cfg: QuantizerConfig) -> FactorizedVQ:
+    return FactorizedVQ(cfg.codebook_size, cfg.dim, fc_dim=cfg.fc.low_dim, beta=cfg.beta,
+                        chunk_size=cfg.search_chunk, search_impl=cfg.search_impl)

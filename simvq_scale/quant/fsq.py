@@ -14,7 +14,9 @@ import math
 import torch
 from torch import nn
 
+from simvq_scale.config import QuantizerConfig
 from simvq_scale.quant.base import Quantizer, QuantizerOutput, straight_through
+from simvq_scale.quant.registry import register_quantizer
 
 BOUND_EPS = 1e-3  # keeps tanh's range just inside +-L/2 so rounding never reaches an extra level
 
@@ -60,3 +62,8 @@ class FSQ(Quantizer):
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.up(self.indices_to_codes(indices))
+
+
+@register_quantizer("fsq")
+def build(cfg: QuantizerConfig) -> FSQ:
+    return FSQ(cfg.fsq.levels, cfg.dim)  # prod(levels) == codebook_size: checked by QuantizerConfig.validate

@@ -4,7 +4,9 @@ The codebook is a fixed matrix of features (K x feature_dim, e.g. clustered CLIP
 features) loaded from a .npy file; one trainable Linear(feature_dim, dim) maps it
 to the code space. That is SimVQ with a different frozen C, so this module is
 SimVQ with its codebook and projection swapped: same search, lookup, loss and
-decode_indices.
+decode_indices. Unlike SimVQ's Gaussian rows, such features are not zero-mean, so
+the search frame is centred on the projected feature mean: codes (F - m) W^T,
+tokens z - (m W^T + b).
 """
 
 from __future__ import annotations
@@ -15,18 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from simvq_scale.config import QuantizerConfig
+from simvq_scale.quant.registry import register_quantizer
 from simvq_scale.quant.simvq import LocalCodebook, SimVQ
 
 
 def load_features(path: str | Path, codebook_size: int) -> torch.Tensor:
-    """The (codebook_size, feature_dim) fp32 feature matrix stored at `path` (quantizer.lc_features)."""
-    path = Path(path)
-    if not str(path) or not path.is_file():
-        raise FileNotFoundError(f"quantizer.lc_features={str(path)!r}: no such .npy file of LC code features")
+    """The (codebook_size, feature_dim) fp32 feature matrix stored at `path` (quantizer.lc.features)."""
     features = np.load(path)
     if features.ndim != 2 or features.shape[0] != codebook_size:
-        raise ValueError(f"quantizer.lc_features={str(path)!r} holds an array of shape {features.shape}; "
-                         f"expected ({codebook_size}, feature_dim) for codebook_size={codebook_size}")
+        raise ValueError(f"LC features {str(path)!r} have shape {features.shape}, not ({codebook_size}, feature_dim)")
     return torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
 
 
@@ -36,7 +36,9 @@ class FeatureCodebook(LocalCodebook):
     def __init__(self, features: torch.Tensor, chunk_size: int = 8192, search_impl: str = "auto"):
         nn.Module.__init__(self)
         self.codebook_size, self.chunk_size, self.search_impl = features.shape[0], chunk_size, search_impl
-        self.register_buffer("weight", features, persistent=False)  # re-read from the file, never checkpointed
+        # re-read from the file, never checkpointed; so is their mean, the centre of the search frame
+        self.register_buffer("weight", features, persistent=False)
+        self.register_buffer("row_mean", features.double().mean(0).float(), persistent=False)
 
 
 class LC(SimVQ):
@@ -47,3 +49,15 @@ class LC(SimVQ):
                          codebook=FeatureCodebook(features, chunk_size, search_impl))
         self.features_path = str(features_path)
         self.proj = nn.Linear(features.shape[1], dim, bias=bias)
+
+    @torch.no_grad()
+    def search_frame(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (F - m) W^T and origin m W^T + b: the same distances, centred on the codes (module docstring)."""
+        mean = self.codebook.row_mean
+        return self.project(self.codebook.weight - mean, bias=False), self.project(mean[None])[0]
+
+
+@register_quantizer("lc")
+def build(cfg: QuantizerConfig) -> LC:
+    return LC(cfg.codebook_size, cfg.dim, cfg.lc.features, beta=cfg.beta, bias=cfg.lc.bias,
+              chunk_size=cfg.search_chunk, search_impl=cfg.search_impl)

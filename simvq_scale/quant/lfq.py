@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simvq_scale.config import QuantizerConfig
 from simvq_scale.quant.base import Quantizer, QuantizerOutput, straight_through
+from simvq_scale.quant.registry import register_quantizer
 
 EXACT_ENTROPY_MAX_BITS = 16
 ENTROPY_TOKEN_CHUNK = 1024  # tokens per block of the exact (tokens x 2^bits) softmax
@@ -84,3 +86,9 @@ class LFQ(Quantizer):
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.up(self.indices_to_codes(indices))
+
+
+@register_quantizer("lfq")
+def build(cfg: QuantizerConfig) -> LFQ:
+    return LFQ(cfg.codebook_size, cfg.dim, entropy_weight=cfg.lfq.entropy_weight,
+               diversity_gamma=cfg.lfq.diversity_gamma, beta=cfg.beta)

@@ -5,7 +5,12 @@ minimise is ||c_k||^2 - 2 z.c_k. Products run in fp32 (never TF32 or autocast's
 bf16); the codebook is walked in chunks with a running minimum, and a strict
 "<" update keeps ties on the lowest index. On CUDA the fused Triton kernel in
 search_triton.py does the same in one pass; this torch path is the reference
-and the CPU fallback.
+and the CPU path (nearest.py chooses between them).
+
+That form cancels catastrophically when tokens and codes share a large offset o
+(||c||^2 ~ ||o||^2 while the distances are ~ spread^2), so callers pass tokens and
+codes in a frame centred near the codes: any common shift leaves every distance
+unchanged, and the quantizers shift by a point they already have (SimVQ: the bias b).
 """
 
 from __future__ import annotations
@@ -65,24 +70,3 @@ def nearest_code_torch(
                 del scores
     return best, best_idx
 
-
-def nearest_code(
-    z: torch.Tensor,
-    codes: torch.Tensor,
-    codes_sq: torch.Tensor | None = None,
-    chunk_size: int = 8192,
-    impl: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to the fused kernel on CUDA (impl auto|triton) or the chunked torch search."""
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"search impl {impl!r} is not auto|torch|triton")
-    if impl != "torch" and z.is_cuda:
-        from simvq_scale.quant import search_triton
-
-        if search_triton.available():
-            return search_triton.nearest_code_triton(z, codes, codes_sq)
-        if impl == "triton":
-            raise RuntimeError("quantizer.search_impl=triton but Triton is not importable on this machine")
-    elif impl == "triton":
-        raise RuntimeError(f"quantizer.search_impl=triton needs CUDA tensors, got device {z.device}")
-    return nearest_code_torch(z, codes, codes_sq, chunk_size)

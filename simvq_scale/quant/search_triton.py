@@ -31,17 +31,21 @@ argmin, ties to the lowest index), without ever holding an N x K score matrix:
    rounding. The four kept tiles are then the complete candidate set.
 4. Re-rank. The kept tiles' codes are scored again in plain fp32 (CUDA-core
    products, the reference formula ||c||^2 - 2 z.c), ties to the lowest index.
-5. Fallback. Tokens whose margin test fails (planted duplicates in five or more
-   tiles, near-ties spread over more than four tiles) are searched again by the torch
-   chunked fp32 search, so the answer stays exact; search_with_stats reports
-   how many.
+5. Fallback, on the device. Tokens whose margin test fails (planted duplicates in five or
+   more tiles, near-ties spread over more than four tiles) are listed in order on the device
+   (a cumsum and a searchsorted), and a second kernel, one program per split of the
+   codebook, scans its codes in plain fp32 for each of them (ties to the lowest index),
+   merging the splits through atomic_min on packed (distance, index) keys; with no such
+   token each program reads one count and ends. The re-rank kernel then writes the packed
+   answer for those tokens. Nothing is read back to the host, so the search never stalls
+   the stream; search_with_stats returns the count as a device tensor.
 """
 
 from __future__ import annotations
 
-import torch
+import os
 
-from simvq_scale.quant.search import SCORE_BLOCK_ELEMENTS, nearest_code_torch
+import torch
 
 try:
     import triton
@@ -53,16 +57,22 @@ except ImportError:  # CPU-only installs without Triton: search.py keeps the tor
 KEPT_TILES = 4
 # Largest fp16 exponent target: row maxima land in [2^13, 2^14), far from fp16's 65504.
 FP16_TARGET_EXPONENT = 14
-FP16_SMALLEST_NORMAL = 2.0**-14
 # Tensor-core fp32 accumulation error per unit of sum |products|, per summed term.
 TENSOR_CORE_GAMMA_PER_TERM = 2.0**-21
 FP32_GAMMA_PER_TERM = 2.0**-23
 MARGIN_SAFETY = 1.25
 
 
-def available() -> bool:
-    """Triton importable and a CUDA device present."""
-    return triton is not None and torch.cuda.is_available()
+# Fallback scan tiles: tokens x codes x a chunk of the code dimension per fp32 product block.
+FALLBACK_BLOCK_M, FALLBACK_BLOCK_K, FALLBACK_CHUNK_D = 16, 32, 16
+
+
+def runs_on(device: torch.device) -> bool:
+    """The kernels can run on `device`: CUDA with Triton, or any device under Triton's interpreter
+    (TRITON_INTERPRET=1, which runs them on the CPU, slowly: how the CPU tests check them)."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
@@ -165,32 +175,88 @@ if triton is not None:
         tl.store(best_tile_ptr + 3 * plane + out, t4, mask=row_ok)
 
     @triton.jit
-    def _rerank_kernel(z_ptr, c_ptr, codes_sq_ptr, tiles_ptr, dist_ptr, idx_ptr,
+    def _fallback_kernel(z_ptr, c_ptr, codes_sq_ptr, redo_ptr, redo_count_ptr, keys_ptr,
+                         n_codes, dim, stride_z, stride_c, TILES_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_D: tl.constexpr):
+        """This split of the codebook scanned in plain fp32 for the tokens redo[:redo_count].
+
+        Distances ||c||^2 - 2 z.c with fp32 products and sums (CUDA cores, no TF32; the same
+        reduction order for every code, so equal codes give equal distances); tiles in index
+        order with a strict "<", the lowest index inside a tile. Each token's (distance, index)
+        is packed into an int64 key whose signed order is their lexicographic order and merged
+        across splits with atomic_min: ties go to the lowest index. A split with nothing to redo
+        reads one number and ends.
+        """
+        first_tile = tl.program_id(0) * TILES_PER_SPLIT
+        redo_count = tl.load(redo_count_ptr)
+        block = 0
+        while block * BLOCK_M < redo_count:
+            slots = block * BLOCK_M + tl.arange(0, BLOCK_M)
+            active = slots < redo_count
+            tokens = tl.load(redo_ptr + slots, mask=active, other=0)
+            best = tl.full((BLOCK_M,), float("inf"), tl.float32)
+            best_idx = tl.zeros((BLOCK_M,), tl.int32)  # as the torch search: a NaN token gets index 0
+            for step in range(0, TILES_PER_SPLIT):
+                codes = (first_tile + step) * BLOCK_K + tl.arange(0, BLOCK_K)
+                code_ok = codes < n_codes
+                dot = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+                for d0 in tl.static_range(0, BLOCK_D, CHUNK_D):
+                    cols = d0 + tl.arange(0, CHUNK_D)
+                    col_ok = cols < dim
+                    zc = tl.load(z_ptr + tokens[:, None] * stride_z + cols[None, :],
+                                 mask=active[:, None] & col_ok[None, :], other=0.0)
+                    cc = tl.load(c_ptr + codes[:, None] * stride_c + cols[None, :],
+                                 mask=code_ok[:, None] & col_ok[None, :], other=0.0)
+                    dot += tl.sum(zc[:, None, :] * cc[None, :, :], axis=2)
+                sq = tl.load(codes_sq_ptr + codes, mask=code_ok, other=0.0)
+                dist = tl.where(code_ok[None, :], sq[None, :] - 2.0 * dot, float("inf"))
+                dist = tl.where(dist == 0.0, 0.0, dist)  # -0.0 -> +0.0: equal distances must tie in the key
+                tile_best, tile_arg = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                better = tile_best < best
+                best = tl.where(better, tile_best, best)
+                best_idx = tl.where(better, (first_tile + step) * BLOCK_K + tile_arg, best_idx)
+            # fp32 bits order as the floats for positive values and reversed for negative ones
+            bits = best.to(tl.int32, bitcast=True)
+            ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+            tl.atomic_min(keys_ptr + tokens, ordered.to(tl.int64) * 4294967296 + best_idx.to(tl.int64), mask=active)
+            block += 1
+
+    @triton.jit
+    def _rerank_kernel(z_ptr, c_ptr, codes_sq_ptr, tiles_ptr, complete_ptr, keys_ptr, dist_ptr, idx_ptr,
                        n_codes, dim, stride_z, stride_c,
                        N_KEPT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """fp32 distances of one token to every code of its kept tiles; minimum, ties to the lowest index."""
+        """One token's answer: the fp32 minimum over every code of its kept tiles, ties to the lowest
+        index, when its margin test passed; else the fallback scan's packed (distance, index) key."""
         token = tl.program_id(0)
-        cols = tl.arange(0, BLOCK_D)
-        col_ok = cols < dim
-        z = tl.load(z_ptr + token * stride_z + cols, mask=col_ok, other=0.0)
-        best = float("inf")
-        best_idx = n_codes
-        for j in tl.static_range(N_KEPT):
-            tile = tl.load(tiles_ptr + token * N_KEPT + j)
-            codes = tile * BLOCK_K + tl.arange(0, BLOCK_K)
-            code_ok = (codes < n_codes) & (tile >= 0)
-            c = tl.load(c_ptr + codes[:, None] * stride_c + cols[None, :],
-                        mask=code_ok[:, None] & col_ok[None, :], other=0.0)
-            dot = tl.sum(c * z[None, :], axis=1)
-            dist = tl.load(codes_sq_ptr + codes, mask=code_ok, other=0.0) - 2.0 * dot
-            dist = tl.where(code_ok, dist, float("inf"))
-            tile_best, tile_arg = tl.min(dist, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            tile_idx = tile * BLOCK_K + tile_arg
-            better = (tile_best < best) | ((tile_best == best) & (tile_idx < best_idx))
-            best = tl.where(better, tile_best, best)
-            best_idx = tl.where(better, tile_idx, best_idx)
-        tl.store(dist_ptr + token, best)
-        tl.store(idx_ptr + token, best_idx.to(tl.int64))
+        if tl.load(complete_ptr + token):
+            cols = tl.arange(0, BLOCK_D)
+            col_ok = cols < dim
+            z = tl.load(z_ptr + token * stride_z + cols, mask=col_ok, other=0.0)
+            best = float("inf")
+            best_idx = n_codes
+            for j in tl.static_range(N_KEPT):
+                tile = tl.load(tiles_ptr + token * N_KEPT + j)
+                codes = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+                code_ok = (codes < n_codes) & (tile >= 0)
+                c = tl.load(c_ptr + codes[:, None] * stride_c + cols[None, :],
+                            mask=code_ok[:, None] & col_ok[None, :], other=0.0)
+                dot = tl.sum(c * z[None, :], axis=1)
+                dist = tl.load(codes_sq_ptr + codes, mask=code_ok, other=0.0) - 2.0 * dot
+                dist = tl.where(code_ok, dist, float("inf"))
+                tile_best, tile_arg = tl.min(dist, axis=0, return_indices=True, return_indices_tie_break_left=True)
+                tile_idx = tile * BLOCK_K + tile_arg
+                better = (tile_best < best) | ((tile_best == best) & (tile_idx < best_idx))
+                best = tl.where(better, tile_best, best)
+                best_idx = tl.where(better, tile_idx, best_idx)
+            tl.store(dist_ptr + token, best)
+            tl.store(idx_ptr + token, best_idx.to(tl.int64))
+        else:
+            key = tl.load(keys_ptr + token)
+            high = key >> 32  # arithmetic shift: the ordered distance bits, sign included
+            ordered = high.to(tl.int32)
+            bits = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+            tl.store(dist_ptr + token, bits.to(tl.float32, bitcast=True))
+            tl.store(idx_ptr + token, key - high * 4294967296)  # the low 32 bits (no uint32 literal)
 
 
 def _next_pow2(x: int) -> int:
@@ -238,7 +304,10 @@ def _splits_for(n_blocks: int, n_tiles: int, device: torch.device) -> int:
 @torch.no_grad()
 def search_with_stats(z: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tensor | None = None,
                       block_m: int = 128, block_k: int = 64, num_warps: int = 4, num_stages: int = 4):
-    """(dist fp32 (N,), idx int64 (N,), tokens re-searched by the torch fallback) - see the module docstring."""
+    """(dist fp32 (N,), idx int64 (N,), tokens re-scanned by the fallback (0-d int64 tensor on z's device)).
+
+    No host sync: every decision, the fallback's included, is taken on the device (module docstring).
+    """
     if z.dim() != 2 or codes.dim() != 2 or z.shape[1] != codes.shape[1]:
         raise ValueError(f"nearest_code expects z (N, d) and codes (K, d), got {tuple(z.shape)} and {tuple(codes.shape)}")
     if codes.shape[0] == 0:
@@ -250,7 +319,8 @@ def search_with_stats(z: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tens
     z = z.float().contiguous()
     codes = codes.float().contiguous()
     if n == 0:
-        return torch.empty(0, device=z.device), torch.empty(0, dtype=torch.long, device=z.device), 0
+        return (torch.empty(0, device=z.device), torch.empty(0, dtype=torch.long, device=z.device),
+                torch.zeros((), dtype=torch.long, device=z.device))
     block_d = max(16, _next_pow2(dim))
     z_scale = _token_scale(z)
     zh, _, z_resid, z_hnorm, z_sq = _fp16_rows(z, z_scale)
@@ -286,19 +356,33 @@ def search_with_stats(z: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tens
                            codes_sq.abs().amax(), dim)
     complete = following > top_vals[:, 0] + margin
 
+    keys, redone = _fallback_scan(z, codes, codes_sq, ~complete, block_d)
     dist = torch.empty(n, dtype=torch.float32, device=z.device)
     idx = torch.empty(n, dtype=torch.long, device=z.device)
-    _rerank_kernel[(n,)](z, codes, codes_sq, kept_tiles, dist, idx, n_codes, dim, z.stride(0), codes.stride(0),
-                         N_KEPT=KEPT_TILES, BLOCK_K=block_k, BLOCK_D=block_d,
+    _rerank_kernel[(n,)](z, codes, codes_sq, kept_tiles, complete, keys, dist, idx, n_codes, dim, z.stride(0),
+                         codes.stride(0), N_KEPT=KEPT_TILES, BLOCK_K=block_k, BLOCK_D=block_d,
                          num_warps=4 if block_k * block_d <= 8192 else 8)
+    return dist, idx, redone
 
-    redo = (~complete).nonzero().squeeze(1)
-    if redo.numel():
-        chunk = max(8192, SCORE_BLOCK_ELEMENTS // redo.numel())
-        redo_dist, redo_idx = nearest_code_torch(z[redo], codes, codes_sq, chunk_size=chunk)
-        dist[redo] = redo_dist
-        idx[redo] = redo_idx
-    return dist, idx, int(redo.numel())
+
+def _fallback_scan(z, codes, codes_sq, redo_mask, block_d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed (distance, index) keys of a full fp32 scan for the tokens in redo_mask, their count).
+
+    Device-side throughout: the flagged tokens are listed in order by a cumsum and a searchsorted
+    (redo[s] = the s-th flagged token), and the kernel reads their count from device memory.
+    """
+    n = z.shape[0]
+    flagged_before = torch.cumsum(redo_mask, 0)  # flagged_before[t]: flagged tokens in 0..t
+    redo = torch.searchsorted(flagged_before, torch.arange(1, n + 1, device=z.device))
+    redo_count = flagged_before[-1]
+    keys = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=z.device)
+    n_tiles = triton.cdiv(codes.shape[0], FALLBACK_BLOCK_K)
+    tiles_per_split = triton.cdiv(n_tiles, _splits_for(1, n_tiles, z.device))
+    _fallback_kernel[(triton.cdiv(n_tiles, tiles_per_split),)](
+        z, codes, codes_sq, redo, flagged_before[n - 1 :], keys, codes.shape[0], z.shape[1], z.stride(0),
+        codes.stride(0), TILES_PER_SPLIT=tiles_per_split, BLOCK_M=FALLBACK_BLOCK_M, BLOCK_K=FALLBACK_BLOCK_K,
+        BLOCK_D=block_d, CHUNK_D=FALLBACK_CHUNK_D, num_warps=4)
+    return keys, redo_count
 
 
 # Shared memory the tile pipeline may take: Hopper allows 227 KiB a block; leave the rest to the compiler.
@@ -328,31 +412,13 @@ def fit_tiles(dim: int, block_m: int = 128, block_k: int = 64, num_stages: int =
     return {"block_m": block_m, "block_k": block_k, "num_warps": 4, "num_stages": num_stages}
 
 
-def nearest_code_triton(z: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tensor | None = None):
-    """(min distance without ||z||^2 (fp32), argmin index (int64)) for each row of z over codes."""
-    dist, idx, _ = search_with_stats(z, codes, codes_sq, **fit_tiles(z.shape[1]))
+def nearest_code_triton(z: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Tensor | None = None,
+                        fallbacks: torch.Tensor | None = None):
+    """(min distance without ||z||^2 (fp32), argmin index (int64)) for each row of z over codes.
+
+    `fallbacks`, a 0-d int64 tensor on z's device, gets the count of fully re-scanned tokens added.
+    """
+    dist, idx, redone = search_with_stats(z, codes, codes_sq, **fit_tiles(z.shape[1]))
+    if fallbacks is not None:
+        fallbacks.add_(redone)
     return dist, idx
-
-
-@torch.no_grad()
-def fp64_optimum(z: torch.Tensor, codes: torch.Tensor, chunk_size: int = 16384) -> torch.Tensor:
-    """min_k ||c_k||^2 - 2 z.c_k in fp64 for each token (the yardstick for exactness checks)."""
-    z64, c64 = z.double(), codes.double()
-    best = torch.full((z.shape[0],), float("inf"), dtype=torch.float64, device=z.device)
-    for c0 in range(0, codes.shape[0], chunk_size):
-        block = c64[c0 : c0 + chunk_size]
-        best = torch.minimum(best, (block.pow(2).sum(dim=1) - 2.0 * z64 @ block.T).amin(dim=1))
-    return best
-
-
-@torch.no_grad()
-def fp64_excess(z: torch.Tensor, codes: torch.Tensor, idx: torch.Tensor, optimum: torch.Tensor | None = None):
-    """(excess, tolerance) per token: the chosen code's fp64 distance minus the fp64 optimum, and the
-    few-fp32-ulp slack an exact fp32 search may lose. A search is wrong where excess > tolerance."""
-    z64, chosen_codes = z.double(), codes[idx].double()
-    optimum = fp64_optimum(z, codes) if optimum is None else optimum
-    chosen = chosen_codes.pow(2).sum(dim=1) - 2.0 * (z64 * chosen_codes).sum(dim=1)
-    sq_max = codes.double().pow(2).sum(dim=1).amax()
-    p = z64.norm(dim=1) * sq_max.sqrt()
-    tolerance = 4.0 * FP32_GAMMA_PER_TERM * ((z.shape[1] + 2) * p + sq_max + 2.0 * p)
-    return chosen - optimum, tolerance

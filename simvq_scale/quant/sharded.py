@@ -6,7 +6,7 @@ One search step:
 
 1. all_gather the token counts of the group, then a padded all_gather of the
    tokens (ranks may hold different numbers, zero included; padding is dropped);
-2. search every gathered token against my projected rows (search.nearest_code);
+2. search every gathered token against my projected rows (nearest.nearest_code);
 3. pack each (distance, global index) into one int64 key whose signed order is
    their lexicographic order, and take ONE all_reduce(MIN) over the keys: the
    global argmin, ties on the lowest index, identical to a single-process search;
@@ -34,17 +34,14 @@ Failures never leave the group hanging:
 from __future__ import annotations
 
 import copy
-import datetime
-import os
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from simvq_scale.quant.codebook import gaussian_rows, shard_range
-from simvq_scale.quant.search import nearest_code, squared_norms
+from simvq_scale.quant.nearest import nearest_code
+from simvq_scale.quant.search import squared_norms
 
 # Key layout: high 32 bits = order-preserving image of the fp32 distance (signed),
 # low 32 bits = the global index as an unsigned number, so K may reach 2^32 rows.
@@ -112,17 +109,21 @@ def _input_problem(z: torch.Tensor, codes: torch.Tensor, row_start: int) -> str 
 
 
 def sharded_nearest(z: torch.Tensor, codes: torch.Tensor, row_start: int, group: dist.ProcessGroup | None,
-                    codes_sq: torch.Tensor | None = None, chunk_size: int = 8192, impl: str = "auto") -> torch.Tensor:
+                    codes_sq: torch.Tensor | None = None, chunk_size: int = 8192, impl: str = "auto",
+                    fallbacks: torch.Tensor | None = None) -> torch.Tensor:
     """Global index (n_local,) of the nearest code for my tokens z (n_local, d); codes are my projected rows.
 
     Collective over `group`: every rank of it must call this once per step, with any
     number of tokens (zero included). group=None searches locally (a replicated codebook).
+    Every rank must give z and codes in the same frame (the keys compare distances without
+    ||z||^2, which depends on the frame): SimVQ's is centred on the replicated bias b.
+    `fallbacks`: see nearest.nearest_code (this rank's local search, on all gathered tokens).
     """
     problem = _input_problem(z, codes, row_start)
     if group is None:
         if problem:
             raise ValueError(problem)
-        return nearest_code(z, codes, codes_sq, chunk_size, impl)[1] + row_start
+        return nearest_code(z, codes, codes_sq, chunk_size, impl, fallbacks)[1] + row_start
     group_size, group_rank = dist.get_world_size(group), dist.get_rank(group)
     device = z.device
 
@@ -152,7 +153,7 @@ def sharded_nearest(z: torch.Tensor, codes: torch.Tensor, row_start: int, group:
     keys = torch.empty(total + 1, dtype=torch.int64, device=device)  # the last slot is the status
     failure: BaseException | None = None
     try:
-        distances, local = nearest_code(tokens, codes, codes_sq, chunk_size, impl)
+        distances, local = nearest_code(tokens, codes, codes_sq, chunk_size, impl, fallbacks)
         keys[:total] = pack_keys(distances, local + row_start, validate=False)  # range checked above
         keys[total] = 0
     except Exception as error:  # noqa: BLE001 - reported to the group below, then re-raised
@@ -171,7 +172,7 @@ def sharded_nearest(z: torch.Tensor, codes: torch.Tensor, row_start: int, group:
 
 
 class ShardedCodebook(nn.Module):
-    """My rows of C plus collective nearest/lookup: the same two methods as simvq.LocalCodebook."""
+    """My rows of C (`weight`) plus a collective search and lookup: the interface of simvq.LocalCodebook."""
 
     def __init__(self, codebook_size: int, dim: int, seed: int, group: dist.ProcessGroup | None,
                  group_rank: int, group_size: int, chunk_size: int = 8192, search_impl: str = "auto"):
@@ -203,11 +204,12 @@ class ShardedCodebook(nn.Module):
             copied.__dict__[key] = copy.deepcopy(value, memo)
         return copied
 
-    def nearest(self, z: torch.Tensor, project) -> torch.Tensor:
-        """Global indices of the nearest projected code, project(C), for each row of z (N, d). Collective."""
-        codes = project(self.weight)
+    @torch.no_grad()
+    def search(self, z: torch.Tensor, codes: torch.Tensor, fallbacks: torch.Tensor | None = None) -> torch.Tensor:
+        """Global index of the nearest code for each row of z (N, d); `codes` are my rows as projected by
+        the caller, in z's frame. Collective: every rank of the group calls it once per step."""
         return sharded_nearest(z, codes, self.row_range[0], self.group, squared_norms(codes),
-                               self.chunk_size, self.search_impl)
+                               self.chunk_size, self.search_impl, fallbacks)
 
     @torch.no_grad()
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
@@ -242,79 +244,3 @@ class ShardedCodebook(nn.Module):
 
     def _range_message(self, flat: torch.Tensor) -> str:
         return (f"codebook indices [{int(flat.min())}, {int(flat.max())}] are outside 0..{self.codebook_size - 1}")
-
-
-# ---- the multi-process exactness check used by tools/bench_search.py --check ----
-
-def planted_codes(seed: int, codebook_size: int, dim: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """Rows [start, stop) of a Gaussian codebook whose last rows copy its first ones (exact ties across shards)."""
-    stop = codebook_size if stop is None else stop
-    rows = gaussian_rows(seed, codebook_size, dim, start, stop)
-    sources = _planted_sources(seed, codebook_size, dim)
-    for source in range(sources.shape[0]):
-        copy = codebook_size - 1 - source
-        if start <= copy < stop:
-            rows[copy - start] = sources[source]
-    return rows
-
-
-def _planted_sources(seed: int, codebook_size: int, dim: int) -> torch.Tensor:
-    """Rows 0..m-1, copied into rows K-1..K-m by planted_codes (m = min(8, K // 2))."""
-    return gaussian_rows(seed, codebook_size, dim, 0, min(8, codebook_size // 2))
-
-
-def check_tokens(seed: int, codebook_size: int, tokens: int, dim: int) -> torch.Tensor:
-    """Gaussian tokens; every fourth one is a planted row itself, equidistant from the row and its copy."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    z = torch.randn(tokens, dim, generator=generator) * dim**-0.5
-    sources = _planted_sources(seed, codebook_size, dim)
-    if sources.shape[0]:
-        planted = torch.arange(0, tokens, 4)
-        z[planted] = sources[(planted // 4) % sources.shape[0]]
-    return z
-
-
-def check_token_counts(tokens: int, world_size: int) -> list[int]:
-    """Uneven split: rank r gets a share proportional to r (rank 0 none when P > 1); the last takes the rest."""
-    if world_size == 1:
-        return [tokens]
-    weight_total = world_size * (world_size - 1) // 2
-    counts = [tokens * r // weight_total for r in range(world_size)]
-    counts[-1] += tokens - sum(counts)
-    return counts
-
-
-def _check_rank(rank: int, world_size: int, rendezvous: str, out_dir: str, codebook_size: int, tokens: int,
-                dim: int, seed: int, timeout_s: float) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    try:
-        start, stop = shard_range(codebook_size, rank, world_size)
-        counts = check_token_counts(tokens, world_size)
-        first = sum(counts[:rank])
-        z = check_tokens(seed, codebook_size, tokens, dim)[first : first + counts[rank]]
-        idx = sharded_nearest(z, planted_codes(seed, codebook_size, dim, start, stop), start, dist.group.WORLD)
-        torch.save(idx, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def check_main(world_size: int, codebook_size: int, tokens: int, dim: int, seed: int,
-               timeout_s: float = 300.0) -> dict:
-    """Run sharded_nearest on `world_size` spawned gloo CPU processes; count mismatches against one process.
-
-    The data has planted ties (codebook rows copied across shards, tokens equal to
-    them) and an uneven token split with an empty rank.
-    """
-    if world_size < 1:
-        raise ValueError(f"world_size={world_size} must be >= 1")
-    check_codebook_size(codebook_size)
-    with tempfile.TemporaryDirectory(prefix="sharded_check_") as out_dir:
-        rendezvous = os.path.join(out_dir, "rendezvous")
-        mp.start_processes(_check_rank, args=(world_size, rendezvous, out_dir, codebook_size, tokens, dim, seed,
-                                              timeout_s), nprocs=world_size, join=True, start_method="spawn")
-        sharded = torch.cat([torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world_size)])
-    reference = nearest_code(check_tokens(seed, codebook_size, tokens, dim), planted_codes(seed, codebook_size, dim))[1]
-    return {"world_size": world_size, "codebook_size": codebook_size, "tokens": tokens,
-            "mismatches": int((sharded != reference).sum())}

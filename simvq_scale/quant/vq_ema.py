@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from simvq_scale.config import QuantizerConfig
 from simvq_scale.quant.base import Quantizer, QuantizerOutput, straight_through
+from simvq_scale.quant.registry import register_quantizer
 from simvq_scale.quant.vq import nearest_index
 
 
@@ -49,7 +51,7 @@ class VQEMA(Quantizer):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         flat = z.reshape(-1, self.dim).float()
-        indices = nearest_index(flat, self.embedding, self.chunk_size, self.search_impl)
+        indices = nearest_index(flat, self.embedding, self.chunk_size, self.search_impl, self.search_fallbacks)
         if self.training:
             self.ema_update(flat.detach(), indices)
         # looked up after the update, so decode_indices(indices) reproduces z_q with the state checkpointed now
@@ -60,3 +62,9 @@ class VQEMA(Quantizer):
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.embedding[indices]
+
+
+@register_quantizer("vq_ema")
+def build(cfg: QuantizerConfig) -> VQEMA:
+    return VQEMA(cfg.codebook_size, cfg.dim, beta=cfg.beta, decay=cfg.vq_ema.decay, epsilon=cfg.vq_ema.epsilon,
+                 chunk_size=cfg.search_chunk, search_impl=cfg.search_impl)

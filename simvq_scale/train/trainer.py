@@ -28,7 +28,7 @@ from simvq_scale.config import Config, dump_config, micro_batch_and_accumulation
 from simvq_scale.data import build_eval_loader, build_train_loader
 from simvq_scale.inference import EXPORT_NAME, export_generator
 from simvq_scale.modality import get_modality
-from simvq_scale.quant.factory import build_quantizer
+from simvq_scale.quant import build_quantizer
 from simvq_scale.train import flops
 from simvq_scale.train.checkpoint import Checkpointer
 from simvq_scale.train.ema import EMA
@@ -71,7 +71,7 @@ class Trainer:
 
         self.loader = build_train_loader(cfg.data, self.micro_batch * self.accumulation, self.rank, self.world)
         self.recon_batch = self._fixed_batch()
-        if cfg.quantizer.init_from_data and found is None:  # a resume takes W and b from the checkpoint
+        if self.quantizer.init_from_data and found is None:  # a resume takes W and b from the checkpoint
             self._init_quantizer_from_data()
         self.log.console(f"opened the data ({watch.lap():.1f} s)")
 
@@ -118,7 +118,7 @@ class Trainer:
 
     @torch.no_grad()
     def _init_quantizer_from_data(self) -> None:
-        """quantizer.init_from_data: W and b from the encoder's tokens on one batch per rank (all ranks'
+        """quantizer.simvq.init_from_data: W and b from the encoder's tokens on one batch per rank (all ranks'
         statistics), before the engines exist (ZeRO keeps its own master copy of the weights after)."""
         batch = next(iter(build_train_loader(self.cfg.data, self.micro_batch, self.rank, self.world)))
         with self._autocast():

@@ -64,7 +64,7 @@ class SimVQ(Quantizer):
 
     @torch.no_grad()
     def init_from_tokens(self, tokens: torch.Tensor) -> None:
-        """Data-dependent start (quantizer.init_from_data): W = diag(std * sqrt(d)), b = mean over every
+        """Data-dependent start (quantizer.simvq.init_from_data): W = diag(std * sqrt(d)), b = mean over every
         rank's tokens (N, d) (collective), so the codes C W^T + b, with C's entries of std d^-1/2, are
         distributed like the tokens, per dimension."""
         tokens = tokens.float()

@@ -66,6 +66,8 @@ TAGS: tuple[Tag, ...] = (
     Tag("perf/mfu", "model TFLOP/s per device / the card's dense bf16 peak (GPUs the trainer knows)"),
     Tag("data/skipped_samples", "bad samples skipped so far, all ranks"),
     Tag("train/nonfinite_losses", "non-finite losses so far, all ranks (train.nan_policy)"),
+    Tag("quantizer/search_fallbacks", "tokens the fused search re-scanned in full fp32 so far, all ranks (exactness "
+                                      "kept; a growing count costs speed)"),
     Tag("quantizer/per_sample_entropy", "mean per-token code entropy (nats)", "lfq"),
     Tag("quantizer/codebook_entropy", "entropy of the batch-averaged code distribution (nats)", "lfq"),
 )

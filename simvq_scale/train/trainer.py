@@ -232,7 +232,8 @@ class Trainer:
                 "opt/grad_norm_g": float(self.engine_g.get_global_grad_norm() or 0.0),
                 "opt/grad_norm_d": float(self.engine_d.get_global_grad_norm() or 0.0)}  # 0 before D's first step
         counters = {"data/skipped_samples": torch.tensor(float(self.loader.skipped_total()), device=self.device),
-                    "train/nonfinite_losses": self.guard.count}
+                    "train/nonfinite_losses": self.guard.count,
+                    "quantizer/search_fallbacks": self.quantizer.search_fallbacks}
         values = self.metrics.log(step, counters, host, self.quantizer.projection_weight(), images)
         self.guard.verdict(int(values["train/nonfinite_losses"]), step)
         if images:

@@ -153,6 +153,18 @@ def test_missing_matplotlib_is_reported_before_training(tool, demo_data, tmp_pat
     assert not any(tmp_path.iterdir())
 
 
+def test_a_failed_run_is_named_in_the_table_and_the_exit_status(tool, demo_data, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = tool.main(["--config", IMAGE_CONFIG, "--out", str(out), "--variant", "narrow:model.image.channels=16",
+                    "--steps", "1", "--no-plots", "--set", *shard_sets(demo_data), *TINY])
+    captured = capsys.readouterr()
+    log = out / "narrow" / "train.log"
+    assert rc == 1 and "1 run(s) failed: narrow" in captured.err
+    assert "GroupNorm" in log.read_text() and "GroupNorm" in captured.out  # the log's end shown on the console
+    row = next(line for line in (out / "table.md").read_text().splitlines() if line.startswith("| narrow |"))
+    assert f"failed: training exited with status 1; see {log}" in row and "| - |" in row
+
+
 def _metrics_line(step: int, t: float, util: float) -> str:
     return json.dumps({"step": step, "time": t, "codebook/utilization": util}) + "\n"
 

@@ -372,6 +372,8 @@ class Runner:
         return rc
 
     def failed(self, run: PlannedRun, who: str, what: str, rc: int, log_path: Path) -> None:
+        if self.stopping:  # terminated by an interrupt, not failed: the next call continues it
+            return
         tail = log_path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
         self.console.say(who, f"{what} failed (exit status {rc}); the end of {log_path}:\n" + "\n".join(tail))
         run.record.status, run.record.note = "failed", f"{what} exited with status {rc}; see {log_path}"

@@ -15,9 +15,9 @@ Runs: --kinds (default: the paper's Table 1 set, vq, vq_ema, fc, fsq, lfq, lc, s
 (--codebook-size, else the config's), and/or named variants `--variant NAME:KEY=VALUE [KEY=VALUE ...]`; given
 both, every kind runs every variant (named KIND-NAME). Each kind gets what it needs at its size: FSQ levels
 whose product is K (unless a --set gives them), LFQ only at a power of two (otherwise skipped, the reason in
-the table), LC the features of --lc-features or else k-means centres of the training data's token-sized
-pieces made offline by tools/make_lc_features.py (OUT/lc_features/), and quantizer.init_from_data (a SimVQ
-option) off for the other kinds.
+the table), LC the features of --lc-features (or the config's) or else k-means centres of the training
+data's token-sized pieces made offline by tools/make_lc_features.py (OUT/lc_features/), and
+quantizer.init_from_data (a SimVQ option) off for the other kinds.
 
 Each run is `python launch/train.py --config CONFIG --set ... train.out_dir=OUT/NAME --resume auto`, its
 console teed to OUT/NAME/train.log, then `python tools/eval_recon.py` on its generator_ema.pt over
@@ -510,8 +510,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=0, help="training steps of every run (overrides train.steps)")
     parser.add_argument("--gpus", default="", help="one run per listed GPU at a time, e.g. 0,1,2,3 "
                         "(default: one run at a time on the default device)")
-    parser.add_argument("--lc-features", default="", help="(K, features) .npy for LC (default: made from the "
-                        "training data by tools/make_lc_features.py)")
+    parser.add_argument("--lc-features", default="", help="(K, features) .npy for LC (default: the config's "
+                        "quantizer.lc_features, else made from the training data by tools/make_lc_features.py)")
     parser.add_argument("--val-shards", default="", help="evaluation shards (default: the config's data.val_shards)")
     parser.add_argument("--no-plots", action="store_true", help="write the table and CSV only (no matplotlib needed)")
     parser.add_argument("--dry-run", action="store_true", help="print the planned runs and their state; run nothing")

@@ -1,0 +1,261 @@
+"""tools/compare_quantizers.py: the plan each kind gets, refusals a user can act on, and (slow) a real comparison
+of three quantizers on the demo shards whose table, CSV and plots are read back against the runs' own files."""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from simvq_scale.eval.comparison import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_CONFIG = str(REPO / "configs" / "image_demo.yaml")
+AUDIO_CONFIG = str(REPO / "configs" / "audio_demo.yaml")
+# a tiny image model (32 px, one downsampling: 16x16 tokens of 2x2 pixels), two log lines per run
+TINY = ["data.image_size=32", "data.workers=0", "data.shuffle_buffer=50", "model.image.channels=32",
+        "model.image.channel_mult=[1,2]", "model.image.num_res_blocks=1", "model.discriminator.layers=2",
+        "model.discriminator.channels=32", "quantizer.dim=16", "quantizer.usage_window_tokens=1024",
+        "train.global_batch=4", "train.log_every=1", "train.ckpt_every=2", "optim.warmup_steps=1"]
+OFFLINE_EVAL = ["--skip", "lpips_vgg,lpips_alex,rfid", "--max-samples", "8", "--eval-batch-size", "8",
+                "--eval-workers", "0"]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tool():
+    return load("compare_quantizers")
+
+
+def shard_sets(demo_data: dict, modality: str = "image") -> list[str]:
+    root = Path(demo_data["dir"]).parent
+    return [f"data.train_shards={root / demo_data[f'{modality}_train']}",
+            f"data.val_shards={root / demo_data[f'{modality}_val']}"]
+
+
+def dry_run(tool, capsys, *args: str) -> tuple[int, str, str]:
+    rc = tool.main([*args, "--dry-run"])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def planned(out: str) -> dict[str, str]:
+    """run name -> its plan lines (the summary line and its --set line)."""
+    runs, name = {}, None
+    for line in out.splitlines():
+        if not line.startswith("  "):
+            name = line.split(":")[0]
+            runs[name] = line
+        else:
+            runs[name] += "\n" + line
+    return runs
+
+
+@pytest.mark.parametrize("k", [2, 16, 256, 1000, 1024, 3**7, 65536, 262144, 2**20, 2 * 3 * 5 * 7 * 11 * 13])
+def test_fsq_levels_multiply_to_the_codebook_size(tool, k):
+    levels = tool.fsq_levels_for(k)
+    assert math.prod(levels) == k and all(2 <= level <= tool.FSQ_MAX_LEVEL for level in levels)
+
+
+@pytest.mark.parametrize("k", [1, 1009, 2 * 67])
+def test_fsq_levels_refuse_a_size_without_small_factors(tool, k):
+    assert tool.fsq_levels_for(k) is None
+
+
+def test_table1_plan_gives_each_kind_what_it_needs_at_its_size(tool, demo_data, tmp_path, capsys):
+    rc, out, _ = dry_run(tool, capsys, "--config", IMAGE_CONFIG, "--out", str(tmp_path), "--codebook-size", "1000",
+                         "--steps", "7", "--set", *shard_sets(demo_data))
+    assert rc == 0
+    runs = planned(out)
+    assert list(runs) == list(tool.TABLE1_KINDS)
+    assert "skipped: LFQ needs a power-of-two codebook size; K=1,000" in runs["lfq"]
+    levels = yaml.safe_load(runs["fsq"].split(f"{tool.KEYS['fsq_levels']}=")[1].split("'")[0])
+    assert math.prod(levels) == 1000
+    assert f"{tool.KEYS['lc_features']}={tmp_path / 'lc_features'}" in runs["lc"]
+    for name, text in runs.items():
+        assert "K=1,000, 7 steps" in text
+        if name != "lfq":
+            assert f"{tool.KEYS['kind']}={name} " in text and f"train.out_dir={tmp_path / name}" in text
+
+
+def test_kinds_cross_variants_and_steps_win_over_a_variant(tool, demo_data, tmp_path, capsys):
+    rc, out, _ = dry_run(tool, capsys, "--config", IMAGE_CONFIG, "--out", str(tmp_path), "--kinds", "simvq,vq",
+                         "--variant", "k512:quantizer.codebook_size=512 train.steps=99",
+                         "--variant", "k2k:quantizer.codebook_size=2048", "--steps", "5",
+                         "--set", *shard_sets(demo_data))
+    assert rc == 0
+    runs = planned(out)
+    assert list(runs) == ["simvq-k512", "simvq-k2k", "vq-k512", "vq-k2k"]
+    assert "K=512, 5 steps" in runs["vq-k512"] and "K=2,048, 5 steps" in runs["simvq-k2k"]
+
+
+def test_speech_data_dependent_start_stays_with_simvq_only(tool, demo_data, tmp_path, capsys):
+    rc, out, _ = dry_run(tool, capsys, "--config", AUDIO_CONFIG, "--out", str(tmp_path), "--kinds", "simvq,vq_ema",
+                         "--set", *shard_sets(demo_data, "audio"))
+    assert rc == 0
+    runs = planned(out)
+    assert f"{tool.KEYS['init_from_data']}=false" in runs["vq_ema"]
+    assert tool.KEYS["init_from_data"] not in runs["simvq"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kinds", "simvq,vqq"], "--kinds vqq: not a quantizer kind"),
+    (["--variant", "k65k=quantizer.codebook_size"], "expected NAME:KEY=VALUE"),
+    (["--variant", "a:quantizer.dim=8", "--variant", "a:quantizer.dim=16"], "run names appear twice: a"),
+    (["--set", "quantizer.codebok_size=3"], "quantizer.codebok_size"),
+    (["--val-shards", "/nonexistent/val-*.tar"], "--val-shards"),
+])
+def test_usage_errors_stop_before_anything_runs(tool, demo_data, tmp_path, capsys, args, message):
+    rc = tool.main(["--config", IMAGE_CONFIG, "--out", str(tmp_path), "--set", *shard_sets(demo_data), *args])
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_lc_features_of_the_wrong_size_are_refused(tool, demo_data, tmp_path, capsys):
+    features = tmp_path / "features.npy"
+    np.save(features, np.zeros((100, 4), dtype=np.float32))
+    rc = tool.main(["--config", IMAGE_CONFIG, "--out", str(tmp_path / "out"), "--kinds", "lc", "--codebook-size", "256",
+                    "--lc-features", str(features), "--set", *shard_sets(demo_data)])
+    assert rc == 2 and f"--lc-features={features} holds shape (100, 4)" in capsys.readouterr().err
+
+
+def test_a_run_folder_made_with_other_settings_is_refused(tool, demo_data, tmp_path, capsys):
+    args = ["--config", IMAGE_CONFIG, "--out", str(tmp_path), "--kinds", "simvq", "--set", *shard_sets(demo_data)]
+    runs, _ = tool.plan(tool.parse_args(args))
+    earlier = runs[0].config
+    earlier["quantizer"]["dim"] = 64
+    (tmp_path / "simvq").mkdir()
+    (tmp_path / "simvq" / "config.yaml").write_text(yaml.safe_dump(earlier))
+    assert tool.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'simvq'} holds a run made with other settings: quantizer.dim (64 there, 32 now)" in err
+
+
+def test_missing_matplotlib_is_reported_before_training(tool, demo_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    rc = tool.main(["--config", IMAGE_CONFIG, "--out", str(tmp_path), "--kinds", "simvq",
+                    "--set", *shard_sets(demo_data)])
+    assert rc == 2 and "--no-plots" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_run_is_named_in_the_table_and_the_exit_status(tool, demo_data, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = tool.main(["--config", IMAGE_CONFIG, "--out", str(out), "--variant", "narrow:model.image.channels=16",
+                    "--steps", "1", "--no-plots", "--set", *shard_sets(demo_data), *TINY])
+    captured = capsys.readouterr()
+    log = out / "narrow" / "train.log"
+    assert rc == 1 and "1 run(s) failed: narrow" in captured.err
+    assert "GroupNorm" in log.read_text() and "GroupNorm" in captured.out  # the log's end shown on the console
+    row = next(line for line in (out / "table.md").read_text().splitlines() if line.startswith("| narrow |"))
+    assert f"failed: training exited with status 1; see {log}" in row and "| - |" in row
+
+
+def _metrics_line(step: int, t: float, util: float) -> str:
+    return json.dumps({"step": step, "time": t, "codebook/utilization": util}) + "\n"
+
+
+def test_a_resumed_runs_repeated_steps_keep_their_last_line(tmp_path):
+    # steps 2-6 logged, killed after the checkpoint at 4, resumed: 6 is logged again, then 8
+    lines = [(2, 0.1), (4, 0.2), (6, 0.3), (6, 0.35), (8, 0.4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(_metrics_line(s, i, u) for i, (s, u) in enumerate(lines)))
+    assert read_metrics(tmp_path)["codebook/utilization"] == [(2, 0.1), (4, 0.2), (6, 0.35), (8, 0.4)]
+
+
+def test_a_run_is_finished_only_with_an_export_written_after_its_last_step(tool, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(_metrics_line(10, 1000.0, 0.5))
+    assert not tool.training_done(tmp_path, 10)  # no export yet
+    export = tmp_path / "generator_ema.pt"
+    export.write_bytes(b"")
+    os.utime(export, (999.0, 999.0))  # an export of an earlier checkpoint
+    assert not tool.training_done(tmp_path, 10)
+    os.utime(export, (1001.0, 1001.0))
+    assert tool.training_done(tmp_path, 10) and not tool.training_done(tmp_path, 12)
+
+
+def test_lc_pieces_are_the_token_patches_and_kmeans_reaches_a_fixed_point():
+    make = load("make_lc_features")
+    from simvq_scale.config import load_config
+
+    cfg = load_config(IMAGE_CONFIG, ["model.image.channel_mult=[1,2,2]"])  # 4x4 pixels per token
+    x = torch.randn(2, 3, 8, 12)
+    pieces = make.token_pieces(x, cfg)
+    assert pieces.shape == (2, 2 * 3, 3 * 16)
+    assert torch.equal(pieces[1, 5], x[1, :, 4:8, 8:12].reshape(-1))  # token row 1, column 2
+    generator = torch.Generator().manual_seed(0)
+    points = torch.randn(300, 5, generator=generator)
+    centres = make.kmeans(points, 7, 60, generator, log=lambda line: None)
+    from simvq_scale.quant.search import nearest_code
+
+    assign = nearest_code(points, centres)[1]
+    for c in range(7):
+        assert (assign == c).any()
+        torch.testing.assert_close(centres[c], points[assign == c].mean(0), atol=1e-5, rtol=0)
+
+
+def _value(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+@pytest.mark.slow
+def test_three_quantizers_on_demo_shards_make_a_table_read_back_from_their_runs(tool, demo_data, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["--config", IMAGE_CONFIG, "--out", str(out), "--kinds", "simvq,fsq,lc", "--codebook-size", "256",
+            "--steps", "2", "--gpus", "0,1", "--set", *shard_sets(demo_data), *TINY, *OFFLINE_EVAL]
+    assert tool.main(args) == 0
+    console = capsys.readouterr().out
+    names = ["simvq", "fsq", "lc"]
+    for name in names:
+        assert f"[{name} " in console and "step 2/2" in console  # progress lines carry the run's name
+    assert {json.loads((out / n / "run.json").read_text())["gpu"] for n in names} == {"0", "1"}  # both slots used
+    features = next((out / "lc_features").glob("*.npy"))
+    assert np.load(features).shape == (256, 3 * 2 * 2)  # K pieces of 2x2 RGB pixels
+
+    table = (out / "table.md").read_text()
+    cells_of = [[c.strip() for c in line.strip("| ").split("|")]
+                for line in table.splitlines() if line.startswith("| ")]
+    header, rows = cells_of[0], {cells[0]: cells for cells in cells_of[1:]}
+    assert list(rows) == names
+    assert "CPU" in table.splitlines()[0] and str(Path(demo_data["dir"]).parent / demo_data["image_val"]) in table
+    csv_rows = {row["run"]: row for row in csv.DictReader((out / "table.csv").open())}
+    assert list(csv_rows) == names
+    for name in names:
+        report = json.loads((out / name / "eval.json").read_text())
+        assert report["step"] == 2 and report["samples"] == 8 and report["codebook_size"] == 256
+        cells = dict(zip(header, rows[name]))
+        for column, metric in (("utilization", "utilization"), ("perplexity", "perplexity"), ("PSNR", "psnr"),
+                               ("SSIM", "ssim")):
+            decimals = len(cells[column].split(".")[1])
+            assert _value(cells[column]) == pytest.approx(report["metrics"][metric], abs=0.51 * 10**-decimals)
+            assert float(csv_rows[name][metric]) == report["metrics"][metric]
+        assert cells["LPIPS"] == cells["rFID"] == "unavailable" and csv_rows[name]["rfid"] == ""
+        series = read_metrics(out / name)
+        assert float(csv_rows[name]["train_utilization"]) == series["codebook/utilization"][-1][1]
+        assert [s for s, _ in series["loss/recon"]] == [1, 2]
+    assert "levels [8, 8, 4]" in rows["fsq"][-1] and "make_lc_features" in rows["lc"][-1]
+    assert "rFID unavailable: skipped (--skip)" in table
+    for png in ("utilization.png", "recon_loss.png", "w_rank_norm.png"):  # simvq and lc have a W, fsq has none
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "W/rank" in read_metrics(out / "simvq") and "W/rank" not in read_metrics(out / "fsq")
+
+    kept = {p: (p.stat().st_mtime_ns, p.read_bytes()) for n in names for p in (out / n / "metrics.jsonl",
+                                                                               out / n / "eval.json")}
+    assert tool.main(args) == 0  # the same command again: everything is kept
+    console = capsys.readouterr().out
+    assert console.count("trained earlier to step 2: kept") == 3 and console.count("evaluated earlier: kept") == 3
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in kept} == kept
+    assert (out / "table.md").read_text() == table

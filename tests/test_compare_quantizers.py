@@ -103,15 +103,6 @@ def test_kinds_cross_variants_and_steps_win_over_a_variant(tool, demo_data, tmp_
     assert "K=512, 5 steps" in runs["vq-k512"] and "K=2,048, 5 steps" in runs["simvq-k2k"]
 
 
-def test_speech_data_dependent_start_stays_with_simvq_only(tool, demo_data, tmp_path, capsys):
-    rc, out, _ = dry_run(tool, capsys, "--config", AUDIO_CONFIG, "--out", str(tmp_path), "--kinds", "simvq,vq_ema",
-                         "--set", *shard_sets(demo_data, "audio"))
-    assert rc == 0
-    runs = planned(out)
-    assert f"{tool.KEYS['init_from_data']}=false" in runs["vq_ema"]
-    assert tool.KEYS["init_from_data"] not in runs["simvq"]
-
-
 @pytest.mark.parametrize("args, message", [
     (["--kinds", "simvq,vqq"], "--kinds vqq: not a quantizer kind"),
     (["--variant", "k65k=quantizer.codebook_size"], "expected NAME:KEY=VALUE"),

@@ -16,8 +16,8 @@ Runs: --kinds (default: the paper's Table 1 set, vq, vq_ema, fc, fsq, lfq, lc, s
 both, every kind runs every variant (named KIND-NAME). Each kind gets what it needs at its size: FSQ levels
 whose product is K (unless a --set gives them), LFQ only at a power of two (otherwise skipped, the reason in
 the table), LC the features of --lc-features (or the config's) or else k-means centres of the training
-data's token-sized pieces made offline by tools/make_lc_features.py (OUT/lc_features/), and
-quantizer.init_from_data (a SimVQ option) off for the other kinds.
+data's token-sized pieces made offline by tools/make_lc_features.py (OUT/lc_features/). Options of one kind
+(e.g. quantizer.simvq.init_from_data) are inert for the others.
 
 Each run is `python launch/train.py --config CONFIG --set ... train.out_dir=OUT/NAME --resume auto`, its
 console teed to OUT/NAME/train.log, then `python tools/eval_recon.py` on its generator_ema.pt over
@@ -69,9 +69,8 @@ from simvq_scale.inference import EXPORT_NAME  # noqa: E402
 KEYS = {
     "kind": "quantizer.kind",
     "codebook_size": "quantizer.codebook_size",
-    "fsq_levels": "quantizer.fsq_levels",
-    "lc_features": "quantizer.lc_features",
-    "init_from_data": "quantizer.init_from_data",
+    "fsq_levels": "quantizer.fsq.levels",
+    "lc_features": "quantizer.lc.features",
     "modality": "data.modality",
     "train_shards": "data.train_shards",
     "val_shards": "data.val_shards",
@@ -79,7 +78,6 @@ KEYS = {
     "steps": "train.steps",
     "out_dir": "train.out_dir",
 }
-DATA_INIT_KINDS = frozenset({"simvq"})  # kinds with a data-dependent start (quantizer.init_from_data)
 TABLE1_KINDS = ("vq", "vq_ema", "fc", "fsq", "lfq", "lc", "simvq")  # the paper's Table 1, in its order
 
 TRAIN = REPO / "launch" / "train.py"
@@ -187,9 +185,6 @@ def kind_options(kind: str, overrides: list[str], config: dict, args) -> tuple[l
             sets.append(f"{KEYS['lc_features']}={features_path(args.out, config)}")
             notes.append("features: k-means of training pieces (tools/make_lc_features.py)")
             make = True
-    if lookup(config, KEYS["init_from_data"]) and kind not in DATA_INIT_KINDS:
-        sets.append(f"{KEYS['init_from_data']}=false")
-        notes.append("init_from_data off (a SimVQ option)")
     return sets, notes, "", make
 
 

@@ -201,7 +201,7 @@ def run_list(args) -> list[tuple[str, list[str]]]:
     """(run name, its own --set items) for every run, in order."""
     variants = [parse_variant(v) for v in args.variant]
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else []
-    unknown = sorted(set(kinds) - QUANTIZER_KINDS)
+    unknown = sorted(set(kinds) - set(QUANTIZER_KINDS))
     if unknown:
         raise UsageError(f"--kinds {','.join(unknown)}: not a quantizer kind; choose from {', '.join(TABLE1_KINDS)}")
     if not kinds and not variants:

@@ -114,9 +114,11 @@ def sets_key(overrides: list[str], dotted: str) -> bool:
     return any(item.partition("=")[0].strip() == dotted for item in overrides)
 
 
-def resolve(config: str, overrides: list[str], run: str) -> dict:
+def resolve(config: str, overrides: list[str], run: str, validate: bool = True) -> dict:
+    """The run's config as a dict; validated unless it still lacks its kind's options (see plan)."""
     try:
-        return to_dict(load_config(config, overrides).validate(1))
+        cfg = load_config(config, overrides)
+        return to_dict(cfg.validate(1) if validate else cfg)
     except ConfigError as e:
         raise UsageError(f"run {run}: {e}") from None
 
@@ -225,11 +227,11 @@ def plan(args) -> tuple[list[PlannedRun], dict]:
     common = [f"{KEYS['codebook_size']}={args.codebook_size}"] if args.codebook_size else []
     common += args.set
     steps = [f"{KEYS['steps']}={args.steps}"] if args.steps else []  # last: it wins over a variant's
-    shared = resolve(args.config, common + steps, "(shared settings)")
+    shared = resolve(args.config, common + steps, "(shared settings)", validate=False)
     planned = []
     for name, own in run_list(args):
         overrides = common + own + steps
-        config = resolve(args.config, overrides, name)
+        config = resolve(args.config, overrides, name, validate=False)  # e.g. FSQ's levels are not set yet
         kind, k = lookup(config, KEYS["kind"]), lookup(config, KEYS["codebook_size"])
         record = RunRecord(name, kind, k, lookup(config, KEYS["steps"]), args.out / name)
         sets, notes, skip, make = kind_options(kind, overrides, config, args)
@@ -238,7 +240,7 @@ def plan(args) -> tuple[list[PlannedRun], dict]:
             planned.append(PlannedRun(record))
             continue
         overrides = overrides + sets + [f"{KEYS['out_dir']}={record.run_dir}"]
-        config = resolve(args.config, overrides, name)
+        config = resolve(args.config, overrides, name, validate=not make)  # LC features made to order come later
         record.note = "; ".join(notes)
         if lookup(config, KEYS["modality"]) != lookup(shared, KEYS["modality"]):
             raise UsageError(f"run {name}: {KEYS['modality']} differs from the other runs'; "

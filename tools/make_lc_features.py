@@ -29,7 +29,7 @@ import torch
 
 from simvq_scale.config import Config, ConfigError, load_config
 from simvq_scale.data import ShardPatternError, build_train_loader
-from simvq_scale.quant.search import nearest_code
+from simvq_scale.quant.nearest import nearest_code
 
 LOADER_BATCH = 16
 

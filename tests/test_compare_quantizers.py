@@ -190,7 +190,7 @@ def test_lc_pieces_are_the_token_patches_and_kmeans_reaches_a_fixed_point():
     generator = torch.Generator().manual_seed(0)
     points = torch.randn(300, 5, generator=generator)
     centres = make.kmeans(points, 7, 60, generator, log=lambda line: None)
-    from simvq_scale.quant.search import nearest_code
+    from simvq_scale.quant.nearest import nearest_code
 
     assign = nearest_code(points, centres)[1]
     for c in range(7):

@@ -3,6 +3,7 @@ with each caller's former settings, and audio metrics whose package is missing."
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,8 @@ def test_the_markdown_table_puts_how_each_figure_was_computed_beside_it(photos_a
     assert rows["rfid"][0].startswith("unavailable (no weights file")
     assert "resized to 299x299 by bilinear interpolation" in rows["rfid"][1]  # the resize path, beside the figure
     assert float(rows["psnr"][0]) == pytest.approx(report["metrics"]["psnr"], abs=1e-4)
+    audio = {**report, "modality": "audio", "metrics": {"utilization": 0.5, "mel_distance": 1.0},
+             "notes": METRIC_NOTES["audio"]}
+    table_rows = [line for line in markdown_table(audio).splitlines() if line.startswith("| ")]
+    assert any("\\|log mel" in line for line in table_rows)  # mel distance's note holds pipes: escaped
+    assert all(len(re.split(r"(?<!\\)\|", line)) == 5 for line in table_rows)  # 3 cells in every row

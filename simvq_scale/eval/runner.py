@@ -329,13 +329,17 @@ def markdown_table(report: dict) -> str:
             text = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
         else:
             text = report["unavailable"].get(name, "unavailable")
-        lines.append(f"| {name} | {text} | {report['notes'].get(name, '')} |")
+        lines.append(f"| {name} | {_cell(text)} | {_cell(report['notes'].get(name, ''))} |")
     other_notes = [f"- {name}: {note}" for name, note in report["notes"].items() if name not in order]
     if other_notes:
         lines += ["", *other_notes]
     if report["skipped_samples"]:
         lines += ["", f"Skipped samples: {report['skipped_samples']}"]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a bare | inside a cell (|log mel|) would split it
 
 
 def start_tool(checkpoint: str, device: str = "") -> Tokenizer:

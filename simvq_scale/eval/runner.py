@@ -34,6 +34,9 @@ WHOLE_SET_WINDOW = 2**62
 IMAGE_METRICS = ("psnr", "ssim", "lpips_vgg", "lpips_alex", "rfid")
 AUDIO_METRICS = ("pesq_wb", "stoi", "mel_distance", "vuv_f1", "utmos")
 SKIPPABLE = IMAGE_METRICS[2:] + AUDIO_METRICS
+# per-clip audio metrics that have no figure for some clips, and why (counted and noted in the report)
+LEFT_OUT = {"pesq_wb": "without detectable speech",
+            "vuv_f1": "with no frame voiced in both the original and the reconstruction (as the reference does)"}
 
 
 @dataclass
@@ -45,11 +48,15 @@ class MetricNetworks:
     fid_inception: str = ""
     utmos_weights: str = ""  # no default: UTMOS runs only when given
     skip: tuple[str, ...] = field(default_factory=tuple)  # metric names not to compute
+    ssim_convention: str = "paper"  # a key of image_metrics.SSIM_CONVENTIONS
 
     def __post_init__(self):
         unknown = sorted(set(self.skip) - set(SKIPPABLE))
         if unknown:
             raise ValueError(f"--skip {','.join(unknown)}: not a skippable metric; choose from {', '.join(SKIPPABLE)}")
+        if self.ssim_convention not in image_metrics.SSIM_CONVENTIONS:
+            raise ValueError(f"--ssim-convention {self.ssim_convention}: choose from "
+                             f"{', '.join(image_metrics.SSIM_CONVENTIONS)}")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -103,7 +110,10 @@ class MeanSums:
 class ImageEvaluator:
     def __init__(self, device: torch.device, networks: MetricNetworks):
         self.unavailable: dict[str, str] = {}
-        self.notes: dict[str, str] = {}
+        self.ssim_convention = networks.ssim_convention
+        self.conventions = {"ssim": self.ssim_convention}
+        self.notes = {"ssim": f"mean per image; {self.ssim_convention} convention: "
+                              f"{image_metrics.SSIM_CONVENTIONS[self.ssim_convention]}"}
         self.lpips = {}
         for net, metric, option, path in (("vgg", "lpips_vgg", "--lpips-vgg", networks.lpips_vgg),
                                            ("alex", "lpips_alex", "--lpips-alex", networks.lpips_alex)):
@@ -119,7 +129,7 @@ class ImageEvaluator:
     def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
         x_hat = x_hat.clamp(-1, 1)
         self.means.add("psnr", image_metrics.psnr_per_image(x, x_hat))
-        self.means.add("ssim", image_metrics.ssim_per_image(x, x_hat))
+        self.means.add("ssim", image_metrics.ssim_per_image(x, x_hat, self.ssim_convention))
         for metric, model in self.lpips.items():
             self.means.add(metric, model(x, x_hat))
         if self.fid is not None:
@@ -143,7 +153,8 @@ class AudioEvaluator:
         self.rate = rate
         self.unavailable: dict[str, str] = {}
         self.notes: dict[str, str] = {}
-        for metric, package in (("pesq_wb", "pesq"), ("stoi", "pystoi")):
+        self.conventions: dict[str, str] = {}
+        for metric, package in (("pesq_wb", "pesq"), ("stoi", "pystoi"), ("vuv_f1", "torchcrepe")):
             reason = "skipped (--skip)" if metric in networks.skip else audio_metrics.missing_package(package)
             if reason:
                 self.unavailable[metric] = reason
@@ -153,38 +164,33 @@ class AudioEvaluator:
                                        networks, self.unavailable) if networks.utmos_weights else None)
         if self.utmos is not None:
             self.utmos.to(device)
-        for metric in ("mel_distance", "vuv_f1"):
-            if metric in networks.skip:
-                self.unavailable[metric] = "skipped (--skip)"
+        if "mel_distance" in networks.skip:
+            self.unavailable["mel_distance"] = "skipped (--skip)"
         self.mel = audio_metrics.MelDistance(rate).to(device)
-        self.means = MeanSums(("pesq_wb", "stoi", "mel_distance", "utmos"), device)
-        self.confusion = torch.zeros(4, dtype=torch.float64, device=device)
-        self.pesq_no_speech = torch.zeros(1, dtype=torch.float64, device=device)
+        self.means = MeanSums(("pesq_wb", "stoi", "mel_distance", "vuv_f1", "utmos"), device)
+        self.left_out = torch.zeros(len(LEFT_OUT), dtype=torch.float64, device=device)  # clips without a figure
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
         x_hat = x_hat.clamp(-1, 1)
-        if "pesq_wb" not in self.unavailable:
-            scores = audio_metrics.pesq_wb(x, x_hat, self.rate)
-            self.means.add("pesq_wb", scores)
-            self.pesq_no_speech += sum(s is None for s in scores)
+        for metric, per_clip in (("pesq_wb", audio_metrics.pesq_wb), ("vuv_f1", audio_metrics.vuv_f1)):
+            if metric not in self.unavailable:
+                scores = per_clip(x, x_hat, self.rate)
+                self.means.add(metric, scores)
+                self.left_out[list(LEFT_OUT).index(metric)] += sum(s is None for s in scores)
         if "stoi" not in self.unavailable:
             self.means.add("stoi", audio_metrics.stoi(x, x_hat, self.rate))
         if "mel_distance" not in self.unavailable:
             self.means.add("mel_distance", self.mel(x, x_hat))
-        if "vuv_f1" not in self.unavailable:
-            self.confusion += audio_metrics.vuv_confusion(x, x_hat, self.rate).to(self.confusion.device)
         if self.utmos is not None:
             self.means.add("utmos", audio_metrics.utmos_scores(self.utmos, x_hat, self.rate))
 
     def compute(self) -> dict[str, float | None]:
         means = self.means.reduce()
         figures = {name: mean for name, (mean, _) in means.items() if name not in self.unavailable}
-        confusion = all_reduce_sum(self.confusion.clone()).cpu()
-        if "vuv_f1" not in self.unavailable:
-            figures["vuv_f1"] = audio_metrics.f1_from_confusion(confusion)
-        no_speech = int(all_reduce_sum(self.pesq_no_speech.clone()).item())
-        if no_speech:
-            self.notes["pesq_wb_left_out"] = (f"{no_speech} clips without detectable speech left out of PESQ")
+        left_out = all_reduce_sum(self.left_out.clone()).tolist()
+        for (metric, why), n in zip(LEFT_OUT.items(), left_out):
+            if n:
+                self.notes[f"{metric}_left_out"] = f"{int(n)} of {int(n) + means[metric][1]} clips {why} left out"
         return figures
 
 
@@ -282,6 +288,7 @@ def evaluate(tokenizer: Tokenizer, loader: ShardLoader, networks: MetricNetworks
         "metrics": figures,
         "codebook": {k: v for k, v in codebook.items() if k != "window_tokens"},
         "unavailable": dict(evaluator.unavailable),
+        "conventions": dict(evaluator.conventions),
         "skipped_samples": skipped_counts(loader),
         "notes": {**METRIC_NOTES[modality], **evaluator.notes},
     }
@@ -292,38 +299,47 @@ METRIC_NOTES = {
         "utilization": "fraction of the K codes chosen at least once over the evaluation set (the paper's definition)",
         "perplexity": "exp(entropy) of the code frequencies over the evaluation set",
         "psnr": "mean of per-image PSNR on [0,1] (data range 1); the reference code pools the MSE over a batch",
-        "ssim": "mean per-image SSIM, Gaussian window 11, sigma 1.5, data range 1",
-        "lpips": "LPIPS v0.1, mean per image",
-        "rfid": "Frechet distance of InceptionV3 pool features (2048-d), reconstructions vs originals, torchmetrics",
+        # "ssim": set by ImageEvaluator, naming the convention used
+        "lpips_vgg": "LPIPS v0.1, VGG16 trunk, mean per image",
+        "lpips_alex": "LPIPS v0.1, AlexNet trunk, mean per image",
+        "rfid": f"Frechet distance (torchmetrics), reconstructions vs originals, of {image_metrics.RFID_INPUT}",
     },
     "audio": {
         "utilization": "fraction of the K codes chosen at least once over the evaluation set (the paper's definition)",
         "perplexity": "exp(entropy) of the code frequencies over the evaluation set",
         "pesq_wb": "PESQ wide-band (P.862.2) at 16 kHz, mean per clip",
         "stoi": "STOI (pystoi), mean per clip",
-        "mel_distance": "mean |log mel - log mel'|, 80 bands, n_fft 1024, hop 256",
-        "vuv_f1": "F1 of voiced frames (YIN threshold 0.15, RMS > 1e-3, 10 ms frames), pooled over all frames",
+        "mel_distance": audio_metrics.MEL_DISTANCE_NOTE,
+        "vuv_f1": audio_metrics.VUV_F1_NOTE,
         "utmos": "UTMOS from the TorchScript file given by --utmos-weights, mean per clip",
     },
 }
 
 
 def markdown_table(report: dict) -> str:
-    """The report's figures as a Markdown table, unavailable metrics with their reason."""
+    """The report's figures as a Markdown table (how each is computed beside it; unavailable metrics with their
+    reason), then the report's other notes."""
     lines = [f"Evaluation of `{report['checkpoint']}` (step {report['step']}, {report['modality']}, "
              f"K={report['codebook_size']}, {report['samples']} samples, {report['tokens']} tokens, "
-             f"{report['world_size']} process(es))", "", "| metric | value |", "|---|---|"]
-    order = IMAGE_METRICS if report["modality"] == "image" else AUDIO_METRICS
-    for name in ("utilization", "perplexity", *order):
+             f"{report['world_size']} process(es))", "", "| metric | value | how |", "|---|---|---|"]
+    order = ("utilization", "perplexity", *(IMAGE_METRICS if report["modality"] == "image" else AUDIO_METRICS))
+    for name in order:
         if name in report["metrics"]:
             value = report["metrics"][name]
             text = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
         else:
             text = report["unavailable"].get(name, "unavailable")
-        lines.append(f"| {name} | {text} |")
+        lines.append(f"| {name} | {_cell(text)} | {_cell(report['notes'].get(name, ''))} |")
+    other_notes = [f"- {name}: {note}" for name, note in report["notes"].items() if name not in order]
+    if other_notes:
+        lines += ["", *other_notes]
     if report["skipped_samples"]:
         lines += ["", f"Skipped samples: {report['skipped_samples']}"]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a bare | inside a cell (|log mel|) would split it
 
 
 def start_tool(checkpoint: str, device: str = "") -> Tokenizer:

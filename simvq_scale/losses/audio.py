@@ -12,24 +12,30 @@ LOG_FLOOR = 1e-7  # the reference's safe_log clip
 
 
 class LogMelSpectrogram(nn.Module):
-    """(B, T) -> log(max(mel, 1e-7)) of shape (B, n_mels, frames): magnitude (power 1), centred frames.
+    """(B, T) -> log(max(mel, floor)) of shape (B, n_mels, frames), natural log.
 
+    The package's one log-mel: magnitude (power 1) of centred, reflect-padded frames, Hann window of n_fft,
+    HTK mel scale 0 Hz .. sample_rate / 2 without band normalisation (torchaudio's MelSpectrogram defaults).
+    The training loss uses it with the config's loss.mel_* settings and floor 1e-7 (LOG_FLOOR, the reference's
+    safe_log); the evaluation's mel distance with its own settings (simvq_scale.eval.audio.EVAL_LOG_MEL).
     Always fp32 (no bf16 FFT), whatever autocast is active.
     """
 
-    def __init__(self, sample_rate: int = 24000, n_fft: int = 1024, hop: int = 256, n_mels: int = 100):
+    def __init__(self, sample_rate: int = 24000, n_fft: int = 1024, hop: int = 256, n_mels: int = 100,
+                 floor: float = LOG_FLOOR):
         super().__init__()
         import torchaudio
 
         if min(sample_rate, n_fft, hop, n_mels) <= 0:
             raise ValueError(f"mel spectrogram sample_rate={sample_rate}, loss.mel_n_fft={n_fft}, "
                              f"loss.mel_hop={hop}, loss.mel_n_mels={n_mels} must all be > 0")
+        self.floor = floor
         self.transform = torchaudio.transforms.MelSpectrogram(
             sample_rate=sample_rate, n_fft=n_fft, hop_length=hop, n_mels=n_mels, center=True, power=1)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         with autocast_off(wave.device):
-            return self.transform(wave.float()).clamp(min=LOG_FLOOR).log()
+            return self.transform(wave.float()).clamp(min=self.floor).log()
 
 
 def mel_loss(log_mel: nn.Module, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

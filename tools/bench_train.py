@@ -26,6 +26,7 @@ import gc
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -144,7 +145,7 @@ def format_table(rows: list[dict]) -> str:
                      f"{'yes' if r['compile'] else 'no':>4} {r['units_per_s']:>9.1f} {r['step_ms']:>8.1f} "
                      f"{r['peak_mem_gib']:>7.1f} {r['model_tflops_per_gpu']:>7.1f} {mfu:>5} "
                      f"{r['first_step_s'] or 0:>7.1f} {base / r['units_per_s']:>9.2f}x")
-    lines.append(f"units: {rows[0]['unit']} per second; device: {rows[0]['device']}; 'vs default' = default / variant")
+    lines.append(f"units: {rows[0]['unit']} per second; device: {rows[0]['device']}; 'vs default' = first row / variant")
     return "\n".join(lines)
 
 
@@ -178,8 +179,18 @@ def main(argv: list[str] | None = None) -> int:
         print("error: bench_train times one process; run it without a launcher", file=sys.stderr)
         return 2
     rows = []
+    failed = 0
     for name, overrides in [("default", []), *args.baseline]:
-        row = run_variant(name, args.config, overrides, args, device)
+        try:
+            row = run_variant(name, args.config, overrides, args, device)
+        except Exception as error:  # noqa: BLE001 - one variant's failure must not lose the others' figures
+            failed += 1
+            print(f"[{name}] FAILED: {type(error).__name__}: {str(error).splitlines()[0][:300]}", flush=True)
+            traceback.print_exc()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         row["default_over_variant"] = (rows[0] if rows else row)["units_per_s"] / row["units_per_s"]
         rows.append(row)
         line = json.dumps({"bench": "train", **row})
@@ -187,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             with open(args.json, "a") as f:
                 f.write(line + "\n")
-    print(format_table(rows), flush=True)
-    return 0
+    if rows:
+        print(format_table(rows), flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

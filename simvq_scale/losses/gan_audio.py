@@ -26,6 +26,10 @@ class AudioGANObjective(nn.Module):
         self.cfg = cfg
         self.log_mel = LogMelSpectrogram(sample_rate, cfg.mel_n_fft, cfg.mel_hop, cfg.mel_n_mels)
 
+    def networks(self) -> dict[str, nn.Module]:
+        """The objective's own networks worth compiling with the models: none (the mel loss is FFTs)."""
+        return {}
+
     def generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, quant: QuantizerOutput,
                        discriminator: nn.Module | None, last_layer: torch.Tensor | None = None):
         """last_layer is unused: the audio adversarial weight is fixed, as in the reference."""

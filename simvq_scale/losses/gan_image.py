@@ -24,6 +24,10 @@ class ImageGANObjective(nn.Module):
             perceptual = PerceptualLoss(cfg.perceptual_weights)
         self.perceptual = perceptual
 
+    def networks(self) -> dict[str, nn.Module]:
+        """The objective's own networks worth compiling with the models (LPIPS)."""
+        return {} if self.perceptual is None else {"perceptual": self.perceptual}
+
     def generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, quant: QuantizerOutput,
                        discriminator: nn.Module | None, last_layer: torch.Tensor | None):
         cfg = self.cfg

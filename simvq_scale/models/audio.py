@@ -22,7 +22,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.amp.autocast_mode import is_autocast_available
 from torch.nn.utils.parametrizations import weight_norm
 
 from simvq_scale.config import AudioModelConfig
@@ -34,8 +33,11 @@ PRENET_WIDTH = "model.audio.decoder_dim (or set model.audio.prenet=false)"
 
 
 def autocast_off(device: torch.device):
-    """Full precision inside (FFTs have no bf16 kernels); also usable on the meta device (shape/FLOP counts)."""
-    if is_autocast_available(device.type):
+    """Full precision inside (FFTs have no bf16 kernels); also usable on the meta device (shape/FLOP counts).
+
+    A plain comparison of the device type, not torch's is_autocast_available: torch.compile traces this
+    without a graph break (a break splits the discriminators into graphs that recompile per shape)."""
+    if device.type in ("cuda", "cpu"):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
@@ -185,6 +187,7 @@ class ISTFTHead(nn.Module):
         self.out = nn.Linear(dim, n_fft + 2)
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
 
+    @torch.compiler.disable  # inductor's FFT kernels failed their stride checks (torch 2.11): eager, fp32
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         with autocast_off(h.device):
             log_mag, phase = self.out(h.float()).transpose(1, 2).chunk(2, dim=1)  # (B, n_fft/2+1, T') each

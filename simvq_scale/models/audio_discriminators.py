@@ -67,6 +67,7 @@ class ResolutionDiscriminator(nn.Module):
         ])
         self.conv_post = weight_norm(nn.Conv2d(channels, 1, 3, padding=1))
 
+    @torch.compiler.disable  # inductor's FFT kernels failed their stride checks (torch 2.11): eager, fp32
     def spectrogram(self, wave: torch.Tensor) -> torch.Tensor:
         with autocast_off(wave.device):  # no bf16 FFT; the magnitude in fp32
             rectangular = torch.ones(self.win, device=wave.device)  # the reference's window=None, made explicit

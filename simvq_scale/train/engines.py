@@ -65,15 +65,21 @@ def build_engine(model: nn.Module, cfg: Config, lr: float, zero_stage: int, micr
     return engine
 
 
-def compile_networks(generator: nn.Module, discriminator: nn.Module, mode: str) -> list[str]:
-    """torch.compile the encoder, the decoder and the discriminator in place, before DeepSpeed wraps them
-    (DeepSpeed's engine.compile() produced no step within 200 s on an H100). The quantizer stays eager: its
-    search is a Triton kernel with collectives around it. In-place Module.compile keeps parameter names, so
-    checkpoints and exports do not change. Returns the names of what was compiled."""
-    compiled = []
-    for name, module in (("encoder", generator.encoder), ("decoder", generator.decoder),
-                         ("discriminator", discriminator)):
-        module.compile(mode=None if mode == "default" else mode)
-        compiled.append(name)
-    return compiled
+# Graphs per function: one per input shape and gradient mode (e.g. the audio D's five period
+# sub-discriminators, each with and without parameter gradients); torch's default of 8 would send the rest eager.
+RECOMPILE_LIMIT = 64
+
+
+def compile_networks(networks: dict[str, nn.Module], mode: str) -> list[str]:
+    """torch.compile `networks` (name -> module) in place, before DeepSpeed wraps them (DeepSpeed's
+    engine.compile() produced no step within 200 s on an H100). The quantizer stays eager: its search is a
+    Triton kernel with collectives around it. In-place Module.compile keeps parameter names, so checkpoints
+    and exports do not change. Static shapes (dynamic=False): every shape of a run is fixed, and a graph
+    made dynamic after a recompile ran into cuDNN "unable to find an engine" errors on an H200."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+    for module in networks.values():
+        module.compile(mode=None if mode == "default" else mode, dynamic=False)
+    return list(networks)
 

@@ -57,6 +57,8 @@ class Trainer:
         self.checkpointer = Checkpointer(Path(cfg.train.out_dir), cfg.train.keep_last)
         found = self.checkpointer.resolve(resume)  # None: start fresh (a PATH with no checkpoint raises)
 
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.quantizer = build_quantizer(cfg.quantizer)
         self.generator = self.modality.build_generator(cfg, self.quantizer).to(device)
@@ -78,7 +80,9 @@ class Trainer:
         self.state = TrainState(ema=EMA(self.generator, cfg.model.ema_decay))  # before compile: no deep copy then
         self.compiled = self._compile_enabled()
         if self.compiled:
-            names = compile_networks(self.generator, self.discriminator, cfg.train.compile_mode)
+            names = compile_networks({"encoder": self.generator.encoder, "decoder": self.generator.decoder,
+                                      "discriminator": self.discriminator, **self.objective.networks()},
+                                     cfg.train.compile_mode)
             self.log.console(f"compiling {', '.join(names)} (mode {cfg.train.compile_mode}): the first steps "
                              "take longer while the compiler works")
         self.engine_g = build_engine(self.generator, cfg, cfg.optim.lr, cfg.optim.zero_stage_g, self.micro_batch,

@@ -22,7 +22,8 @@ class NonFiniteGuard:
                 flag = self._finite[id(module)]
                 for p in module.parameters():
                     if p.requires_grad:
-                        p.register_hook(lambda grad, ok=flag: torch.where(ok, grad, torch.zeros_like(grad)))
+                        # one kernel per gradient (a scalar 0, not a zeros_like tensor to build first)
+                        p.register_hook(lambda grad, ok=flag: torch.where(ok, grad, 0.0))
 
     def check(self, module: nn.Module, loss: torch.Tensor) -> None:
         """Record whether `loss`, about to be backpropagated through `module`, is finite."""

@@ -256,7 +256,10 @@ class OptimConfig:
     warmup_steps: int = 1000
     schedule: str = "constant"  # constant | cosine (after warm-up)
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0 = no clipping
+    # the quantizer's parameters (SimVQ's W and b) at lr * quantizer_lr_scale: codes that follow the encoder's
+    # drifting tokens faster
+    quantizer_lr_scale: float = 1.0
     zero_stage_g: int = 2
     zero_stage_d: int = 1
 
@@ -294,6 +297,11 @@ class Config:
         from simvq_scale.modality import get_modality  # the registry of modalities (lazy: it imports this module)
 
         get_modality(self.data.modality)
+        o = self.optim
+        _check(o.lr > 0 and o.quantizer_lr_scale > 0, f"optim.lr={o.lr} and optim.quantizer_lr_scale="
+               f"{o.quantizer_lr_scale} must be > 0")
+        _check(o.grad_clip >= 0 and o.warmup_steps >= 0,
+               f"optim.grad_clip={o.grad_clip} and optim.warmup_steps={o.warmup_steps} must be >= 0")
         _check(t.global_batch > 0, f"train.global_batch={t.global_batch} must be > 0")
         _check(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
         _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision={t.precision!r} is not auto|bf16|fp32")

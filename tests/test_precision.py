@@ -76,3 +76,19 @@ def test_fp32_precision_keeps_every_conv_fp32(demo_data, tmp_path):
     result = run_distributed(conv_dtypes_worker, 1, "image_demo.yaml", overrides, timeout_s=300)[0]
     assert not result["bf16"]
     assert all(v == ["torch.float32"] for where in ("engines_alone", "convs") for v in result[where].values())
+
+
+def test_quantizer_parameters_get_their_own_learning_rate():
+    from simvq_scale.config import load_config
+    from simvq_scale.modality import get_modality
+    from simvq_scale.quant import build_quantizer
+    from simvq_scale.train.engines import param_groups
+
+    cfg = load_config(ROOT / "configs" / "image_demo.yaml")
+    model = get_modality("image").build_generator(cfg, build_quantizer(cfg.quantizer))
+    (group,) = param_groups(model, 1e-4, 1.0)
+    assert len(group["params"]) == len(list(model.parameters()))
+    rest, scaled = param_groups(model, 1e-4, 10.0)
+    assert scaled["lr"] == pytest.approx(1e-3) and rest["lr"] == 1e-4
+    assert {id(p) for p in scaled["params"]} == {id(p) for p in model.quantizer.parameters()}  # W and b
+    assert len(rest["params"]) + len(scaled["params"]) == len(list(model.parameters()))

@@ -51,14 +51,23 @@ def deepspeed_config(cfg: Config, micro_batch: int, accumulation: int, zero_stag
     return config
 
 
+def param_groups(model: nn.Module, lr: float, quantizer_lr_scale: float) -> list[dict]:
+    """The trainable parameters, the quantizer's (if `model` has one) in a group of its own learning rate."""
+    quantizer = getattr(model, "quantizer", None)
+    own = {id(p) for p in quantizer.parameters()} if quantizer is not None and quantizer_lr_scale != 1.0 else set()
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+    scaled = [p for p in model.parameters() if p.requires_grad and id(p) in own]
+    return [{"params": rest, "lr": lr}] + ([{"params": scaled, "lr": lr * quantizer_lr_scale}] if scaled else [])
+
+
 def build_engine(model: nn.Module, cfg: Config, lr: float, zero_stage: int, micro_batch: int, accumulation: int,
                  bf16: bool):
     """A DeepSpeed engine around `model` with a client AdamW and the run's LR schedule."""
     import deepspeed
 
     o = cfg.optim
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                  betas=tuple(o.betas), weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, lr, o.quantizer_lr_scale), lr=lr, betas=tuple(o.betas),
+                                  weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, micro_batch, accumulation, zero_stage, bf16))

@@ -49,7 +49,7 @@ def gan_steps_worker(rank, world_size, overrides):
 
     trainer = make_trainer(overrides)
     trainer._setup()
-    trainer._start_stream(0)
+    trainer._start_stream()
     x = next(trainer.batches)["x"]
     g0, d0 = flat(trainer.generator), flat(trainer.discriminator)
     x_hat, parts = trainer._generator_step(x)
@@ -112,7 +112,7 @@ def test_resume_reproduces_the_uninterrupted_run(demo_data, tmp_path):
 def nan_worker(rank, world_size, overrides):
     trainer = make_trainer(overrides)
     trainer._setup()
-    trainer._start_stream(0)
+    trainer._start_stream()
     x = next(trainer.batches)["x"]
     before = flat(trainer.generator)
     x_bad = x.clone()

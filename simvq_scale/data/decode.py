@@ -23,6 +23,9 @@ import torch
 import torchaudio.functional as AF
 from PIL import Image, UnidentifiedImageError
 
+from simvq_scale.config import DataConfig
+from simvq_scale.data.tars import DAMAGED
+
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 AUDIO_FIELDS = ("flac", "wav", "ogg", "mp3")
 RESIZED_CROP_SCALE = (0.25, 1.0)  # fraction of the image area a random-resized crop covers
@@ -34,12 +37,12 @@ class BadSample(Exception):
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 def _field(sample: dict, names: tuple[str, ...]) -> bytes:
-    if "__damaged__" in sample:
-        raise BadSample("truncated_sample", sample["__damaged__"])
+    if DAMAGED in sample:
+        raise BadSample("truncated_sample", sample[DAMAGED])
     for name in names:
         if name in sample:
             return sample[name]
@@ -127,3 +130,15 @@ def decode_audio(sample: dict, sample_rate: int, segment_seconds: float, train: 
     if train and gain_db > 0:
         wave.mul_(10.0 ** (rng.uniform(-gain_db, gain_db) / 20.0))
     return wave
+
+
+def sample_shape(cfg: DataConfig) -> tuple[int, ...]:
+    if cfg.modality == "image":
+        return (3, cfg.image_size, cfg.image_size)
+    return (round(cfg.segment_seconds * cfg.sample_rate),)
+
+
+def decode_sample(cfg: DataConfig, sample: dict, train: bool, rng: np.random.Generator) -> torch.Tensor:
+    if cfg.modality == "image":
+        return decode_image(sample, cfg.image_size, train, cfg.random_resize, rng)
+    return decode_audio(sample, cfg.sample_rate, cfg.segment_seconds, train, cfg.random_gain_db, rng)

@@ -27,7 +27,7 @@ from torch import nn
 
 from simvq_scale import distributed as D
 from simvq_scale.config import Config, dump_config, micro_batch_and_accumulation, to_dict
-from simvq_scale.data import build_eval_loader, build_train_loader
+from simvq_scale.data import SkippedSampleReport, build_eval_loader, build_train_loader
 from simvq_scale.inference import export_generator
 from simvq_scale.losses import build_objective
 from simvq_scale.models import build_generator
@@ -172,7 +172,8 @@ class Trainer:
             _guard_gradients(self.generator, self.finite_g)
             _guard_gradients(self.discriminator, self.finite_d)
         self.step, self.samples_seen = 0, 0
-        self.stream_start = 0  # step at which the current data stream was seeded (its resume counter)
+        self.stream_state = None  # this rank's data loader position to continue from (None: the beginning)
+        self.skip_report = SkippedSampleReport(out / "skipped_samples.jsonl", D.is_main())
 
     @torch.no_grad()
     def _init_quantizer_from_data(self) -> None:
@@ -197,14 +198,14 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def _client_state(self) -> dict:
-        return {"step": self.step, "samples_seen": self.samples_seen, "stream_start": self.stream_start,
+        return {"step": self.step, "samples_seen": self.samples_seen,
                 "world_size": self.world, "ema": self.ema.state_dict(), "config": to_dict(self.cfg)}
 
     def _restore(self, found: tuple[Path, str]) -> None:
         root, tag = found
         client, rank_state = Checkpointer.load(root, tag, self.engine_g, self.engine_d)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
-        self.stream_start = client["stream_start"]
+        self.stream_state = rank_state.get("loader") if rank_state is not None else None
         self.ema.load_state_dict(client["ema"])
         if rank_state is not None and client["world_size"] == self.world:
             self.usage.load_state_dict(rank_state["usage"])
@@ -212,25 +213,22 @@ class Trainer:
 
     def _save(self) -> None:
         self._check_finite()
-        # the data stream restarts from a seed made of this step (below), so a resumed run reads
-        # exactly what an uninterrupted one reads after this checkpoint
-        self.stream_start = self.step
+        # each rank's loader position (of the batches consumed so far) goes into its own rank file
         self.checkpointer.save(self.step, self.engine_g, self.engine_d, self._client_state(),
-                               {"usage": self.usage.state_dict()})
+                               {"usage": self.usage.state_dict(), "loader": self.loader.state_dict()})
         if D.is_main():
             self.export(Path(self.cfg.train.out_dir) / EXPORT_NAME)
-        self._start_stream(self.stream_start)
 
     def export(self, path: Path) -> None:
         """The EMA generator in one file, loadable without DeepSpeed (simvq_scale.inference)."""
         export_generator(self.ema, self.cfg, self.step, path)
 
-    def _start_stream(self, start_step: int) -> None:
-        self.stream_start = start_step
-        loader = build_train_loader(self.cfg.data, self.micro_batch, self.rank, self.world,
-                                    resume_counter=start_step)
-        self.loader = loader
-        self.batches = iter(loader)
+    def _start_stream(self, state: dict | None = None) -> None:
+        """The training stream, from its beginning or from a saved position (`loader.state_dict()`)."""
+        self.loader = build_train_loader(self.cfg.data, self.micro_batch, self.rank, self.world)
+        if state is not None:
+            self.loader.load_state_dict(state)
+        self.batches = iter(self.loader)
 
     # ------------------------------------------------------------------ the step
 
@@ -299,7 +297,7 @@ class Trainer:
         self._setup(resuming=found is not None)
         if found is not None:
             self._restore(found)
-        self._start_stream(self.stream_start)
+        self._start_stream(self.stream_state)
         self.engine_g.train()
         self.engine_d.train()
         sums: dict[str, torch.Tensor] = {}
@@ -338,6 +336,7 @@ class Trainer:
         *loss_sums, skipped = reduced.tolist()
         values = {t: v / self.world for t, v in zip(tags, loss_sums)}  # mean over ranks
         values["data/skipped_samples"] = skipped
+        self.skip_report.publish(self.step, self.loader, skipped, self.logger.console)  # names them, rank 0 writes
         nonfinite = self._check_finite()
         usage = self.usage.reduce()
         values.update({

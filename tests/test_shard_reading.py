@@ -45,8 +45,8 @@ def _tar_bytes(fmt: int) -> bytes:
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_tar_walker_reads_what_tarfile_reads(fmt, tmp_path):
     data = _tar_bytes(fmt)
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # the files that belong to a sample (a name with a suffix)
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg() and "." in m.name]
     problems = []
     ours = [(m["fname"], m["data"]) for m in tar_members(io.BytesIO(data), "mem", lambda *p: problems.append(p))]
     assert ours == expected and not problems
@@ -140,3 +140,18 @@ def test_a_failing_pipe_command_is_a_counted_shard(jpeg_shards, tmp_path):
     train = iter(build_train_loader(cfg, 4, 0, 1))
     batches = [next(train) for _ in range(5)]
     assert all(b["x"].shape == (4, 3, 16, 16) for b in batches)
+
+
+def test_chosen_samples_are_read_without_the_others(jpeg_shards):
+    path = expand_shards(jpeg_shards)[1]
+    every = list(iter_samples(path))
+    for url in (path, f"pipe:cat {path}"):  # a file seeks over the other payloads, a pipe reads past them
+        def read(**kw):
+            samples = list(iter_samples(url, **kw))
+            assert all(s.pop("__url__") == url for s in samples)
+            return samples
+
+        expected = [{k: v for k, v in s.items() if k != "__url__"} for s in every]
+        assert read(wanted={1, 3}.__contains__) == [expected[1], expected[3]]
+        assert read(start=2, stop=4) == expected[2:4]
+        assert read(start=1, wanted={0, 4}.__contains__) == [expected[4]]

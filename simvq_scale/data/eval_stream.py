@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, default_collate
 
 from simvq_scale.config import DataConfig
 from simvq_scale.data.decode import BadSample, decode_sample, sample_shape
@@ -111,6 +111,6 @@ class EvalStream(IterableDataset):
             mask.append(x is not None)
             if len(xs) == self.batch_size:
                 records, dropped = log.take()
-                yield {"x": torch.stack(xs), "key": keys, "mask": torch.tensor(mask),
+                yield {"x": default_collate(xs), "key": keys, "mask": torch.tensor(mask),
                        STREAM_KEY: WorkerReport(worker, dict(log.counts), records, dropped)}
                 xs, keys, mask = [], [], []

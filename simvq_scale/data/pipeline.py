@@ -60,9 +60,11 @@ class ShardLoader:
                  found_at_build: SkipLog | None = None):
         self.stream, self.workers, self.num_batches = stream, workers, num_batches
         found = found_at_build or SkipLog()
-        self._finished_passes: Counter = Counter(found.counts)
+        # counts by reason: from the build, finished evaluation passes, a state of another layout; and per worker
+        self._earlier_counts: Counter = Counter(found.counts)
         self._worker_counts: dict[int, dict[str, int]] = {}
-        self._records, self._dropped = found.take()
+        self._pending = SkipLog(cap=MAX_PENDING_RECORDS)  # named records until take_skipped_records()
+        self._pending.keep(found.records, found.dropped)
         self._positions: dict[int, SlotPosition] = {}  # training: each worker's position after its last consumed batch
         self._next_worker = 0  # training: the logical worker whose batch comes next
 
@@ -71,7 +73,7 @@ class ShardLoader:
         return max(self.workers, 1)
 
     def skipped(self) -> dict[str, int]:
-        total = Counter(self._finished_passes)
+        total = Counter(self._earlier_counts)
         for counts in self._worker_counts.values():
             total.update(counts)
         return dict(total)
@@ -80,15 +82,11 @@ class ShardLoader:
         return sum(self.skipped().values())
 
     def take_skipped_records(self) -> tuple[list[dict], int]:
-        records, dropped = self._records, self._dropped
-        self._records, self._dropped = [], 0
-        return records, dropped
+        return self._pending.take()
 
     def _receive(self, report: WorkerReport) -> None:
         self._worker_counts[report.worker] = report.counts
-        room = max(0, MAX_PENDING_RECORDS - len(self._records))
-        self._records += report.records[:room]
-        self._dropped += report.dropped + max(0, len(report.records) - room)
+        self._pending.keep(report.records, report.dropped)
         if report.position is not None:
             self._positions[report.worker] = report.position
             self._next_worker = (report.worker + 1) % self.slots_per_rank
@@ -132,8 +130,9 @@ class ShardLoader:
                                saved["world_size"] * saved["workers"], saved["num_shards"])
                    for w, p in positions.items()]
         self.stream.start_epoch = max(reached, default=self.stream.start_epoch - 1) + 1
-        self._positions, self._next_worker = {}, 0
-        self._worker_counts = {w: dict(p.skipped) for w, p in positions.items()}
+        self._positions, self._next_worker, self._worker_counts = {}, 0, {}
+        for p in positions.values():  # the new slots count from zero on top of these
+            self._earlier_counts.update(p.skipped)
         changed = sorted(k for k in saved if saved[k] != self._layout().get(k))
         warnings.warn(f"the data stream was saved with another layout ({', '.join(changed)} changed): it cannot "
                       f"continue exactly and starts at epoch {self.stream.start_epoch} instead", stacklevel=2)
@@ -149,7 +148,7 @@ class ShardLoader:
         if isinstance(self.stream, TrainStream):
             self.stream.starts, self.stream.first_worker = dict(self._positions), self._next_worker
         else:  # a new evaluation pass: its workers count from zero again
-            self._finished_passes = Counter(self.skipped())
+            self._earlier_counts = Counter(self.skipped())
             self._worker_counts = {}
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers,
                             pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.workers else None)

@@ -51,12 +51,16 @@ class SkipLog:
         else:
             self.dropped += 1
 
-    def merge(self, other: SkipLog) -> None:
-        """Add another log's counts and records (keeping within this one's cap)."""
-        self.counts.update(other.counts)
+    def keep(self, records: list[dict], dropped: int = 0) -> None:
+        """Keep what fits of another reader's `records` under the cap; count the rest as dropped."""
         room = max(0, self.cap - len(self.records))
-        self.records += other.records[:room]
-        self.dropped += other.dropped + max(0, len(other.records) - room)
+        self.records += records[:room]
+        self.dropped += dropped + max(0, len(records) - room)
+
+    def merge(self, other: SkipLog) -> None:
+        """Add another log's counts and records."""
+        self.counts.update(other.counts)
+        self.keep(other.records, other.dropped)
 
     def callback(self, url: str) -> Callable[[str, str, str], None]:
         """An `on_problem(reason, key, detail)` for the readers in tars.py, naming `url`."""

@@ -9,10 +9,10 @@ A pipe: URL runs a shell command, so a config holding one is as trusted as a scr
 A sample is the group of consecutive tar members that share a key (`<key>.<ext>`, the
 WebDataset convention), grouped by webdataset's own `group_by_keys` (suffixes lower-cased) and
 returned undecoded as {"__key__", "__url__", ext: bytes, ...}. The tar members are walked by
-`tar_members` below rather than by webdataset's `tar_file_iterator`, which goes through
-Python's tarfile: on this project's 2-core CPU that parses ~5,300 three-member samples/s against
-~25,000 here (tools/bench_data.py prints both), and with ~1,200 audio clips/s decoded per core the
-difference is what put the shard reader behind a plain folder of files.
+`tar_members` below rather than by webdataset's `tar_file_iterator`, which goes through Python's
+tarfile: on this project's 2-core CPU webdataset reads ~9,700 three-member audio samples per
+CPU-second and this walker ~27,800 (tools/bench_data.py prints both); with ~2,000 one-second FLAC
+crops decoded per CPU-second, tarfile's share alone kept the shard reader behind a folder of files.
 
 Damage is never fatal: a member whose data is cut short marks its sample "__damaged__" (the
 decoder then skips it as truncated_sample), and a header that cannot be read, a shard that cannot
@@ -144,14 +144,17 @@ def _skip(stream, count: int) -> bool:
     return True
 
 
-def tar_members(stream, url: str, on_problem: ProblemCallback = _ignore, read_data: bool = True) -> Iterator[dict]:
-    """{"fname", "data", "__url__"} for each regular file of an uncompressed tar stream, in order (the items
-    webdataset's tar_file_iterator yields). ustar, pax (path, size) and GNU long names are understood; other
-    member types are passed over. With read_data=False, data is b"" and payloads are skipped (counting).
-    A member cut short is yielded as "<key>.__damaged__"; damage ends the walk through on_problem."""
+def tar_members(stream, url: str, on_problem: ProblemCallback = _ignore,
+                wanted: Callable[[int], bool] | None = None) -> Iterator[dict]:
+    """{"fname", "data", "__url__"} for each regular file of an uncompressed tar stream that belongs to a sample,
+    in order (the items of webdataset's tar_file_iterator that group_by_keys keeps). ustar, pax (path, size)
+    and GNU long names are understood; other member types are passed over. Sample i is the i-th run of
+    members sharing a key, as group_by_keys groups them; where wanted(i) is False its members come with
+    data b"" and their payloads are skipped (seeked over in local files). A member cut short is yielded as
+    "<key>.__damaged__"; damage ends the walk through on_problem."""
     long_name: str | None = None
     pax: dict[str, str] = {}
-    offset = 0
+    offset, index, last_key, read = 0, -1, None, True
     try:
         while True:
             header = stream.read(BLOCK)
@@ -178,9 +181,16 @@ def tar_members(stream, url: str, on_problem: ProblemCallback = _ignore, read_da
                     name, prefix = _text(header[0:100]), _text(header[345:500])
                     name = f"{prefix}/{name}" if prefix else name
                 long_name, pax = None, {}
-                if kind == b"\0" and name.endswith("/"):  # an old-style directory
+                key = base_plus_ext(name)[0]
+                if key is None or (kind == b"\0" and name.endswith("/")):  # no sample's member; an old-style directory
+                    if not _skip(stream, size + padding):
+                        on_problem("truncated_tar", "", f"{url}: {name} cut short")
+                        return
                     continue
-                if not read_data:
+                if key != last_key:
+                    index, last_key = index + 1, key
+                    read = wanted is None or wanted(index)
+                if not read:
                     whole = _skip(stream, size + padding)
                     yield {"fname": name, "data": b"", "__url__": url}
                     if not whole:
@@ -189,10 +199,7 @@ def tar_members(stream, url: str, on_problem: ProblemCallback = _ignore, read_da
                     continue
                 data = stream.read(size)
                 if len(data) < size:
-                    key = base_plus_ext(name)[0]
-                    if key is not None:
-                        yield {"fname": f"{key}.{DAMAGED}", "data": f"{name}: {len(data)} of {size} bytes",
-                               "__url__": url}
+                    yield {"fname": f"{key}.{DAMAGED}", "data": f"{name}: {len(data)} of {size} bytes", "__url__": url}
                     on_problem("truncated_tar", "", f"{url}: {name} cut short ({len(data)} of {size} bytes)")
                     return
                 if padding and len(stream.read(padding)) < padding:
@@ -219,11 +226,9 @@ def tar_members(stream, url: str, on_problem: ProblemCallback = _ignore, read_da
         on_problem("truncated_tar" if offset else "unreadable_tar", "", f"{url}: {e}")
 
 
-def iter_samples(url: str | Path, on_problem: ProblemCallback = _ignore, start: int = 0, stop: int | None = None,
-                 read_data: bool = True) -> Iterator[dict]:
-    """Raw samples number `start` (inclusive) to `stop` (exclusive) of one shard, in tar order."""
-    url = str(url)
-
+def _grouped(url: str, on_problem: ProblemCallback, read: Callable[[int], bool],
+             end: float = float("inf")) -> Iterator[tuple[int, dict]]:
+    """(index, sample) for every sample of one shard before `end`; payloads only where read(index)."""
     def duplicate(exn: Exception) -> bool:  # group_by_keys's handler: a second member of one name is left out
         fname = str(exn.args[0]).split(":", 1)[0] if exn.args else ""
         on_problem("duplicate_member", base_plus_ext(fname)[0] or "", f"{url}: {exn.args[0] if exn.args else exn}")
@@ -242,12 +247,10 @@ def iter_samples(url: str | Path, on_problem: ProblemCallback = _ignore, start: 
 
     finished = False
     try:
-        for index, sample in enumerate(group_by_keys(tar_members(stream, url, on_damage, read_data),
-                                                     handler=duplicate)):
-            if stop is not None and index >= stop:
+        for index, sample in enumerate(group_by_keys(tar_members(stream, url, on_damage, read), handler=duplicate)):
+            if index >= end:
                 return
-            if index >= start:
-                yield sample
+            yield index, sample
         finished = True
     finally:
         try:
@@ -257,7 +260,21 @@ def iter_samples(url: str | Path, on_problem: ProblemCallback = _ignore, start: 
                 on_problem("unreadable_tar", "", f"{url}: {e}")
 
 
+def iter_samples(url: str | Path, on_problem: ProblemCallback = _ignore, start: int = 0, stop: int | None = None,
+                 wanted: Callable[[int], bool] | None = None) -> Iterator[dict]:
+    """Raw samples number `start` (inclusive) to `stop` (exclusive) of one shard, in tar order; with `wanted`,
+    only those whose index it accepts. The payloads of the others are not read where the stream can seek."""
+    end = float("inf") if stop is None else stop
+
+    def read(index: int) -> bool:
+        return start <= index < end and (wanted is None or wanted(index))
+
+    for index, sample in _grouped(str(url), on_problem, read, end):
+        if read(index):
+            yield sample
+
+
 def count_samples(url: str | Path, on_problem: ProblemCallback = _ignore) -> int:
     """Number of samples in one shard: headers only for local files (payloads are seeked over); a URL
     is streamed once."""
-    return sum(1 for _ in iter_samples(url, on_problem, read_data=False))
+    return sum(1 for _ in _grouped(str(url), on_problem, lambda index: False))

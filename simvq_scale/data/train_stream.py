@@ -3,17 +3,20 @@
 Reader slots: DataLoader worker w of rank r reads as slot s = r * W + w of S = world_size * W.
   * Shard order: an endless sequence of permutations of the shard list, permutation e seeded by
     (seed, e); slot s takes positions s, s + S, s + 2S, ... of it (its shard number n is position
-    s + n * S), so the slots split every pass between them (webdataset's split_by_node and
-    split_by_worker, applied to an endless sequence).
+    s + n * S), so the slots split every pass between them. That is webdataset's split_by_node
+    followed by split_by_worker (islice by rank, then by worker) over an endless list, computed by
+    position instead, so that a saved position jumps to its shard without replaying the sequence,
+    and with the rank given rather than read from the environment.
   * Shuffle: a buffer of `shuffle_buffer` undecoded samples per slot; decoding and cropping come
-    after it, with one generator per slot seeded by (seed, rank, w).
+    after it, with one generator per slot seeded by (seed, rank, w, start epoch).
   * Batches of exactly `batch_size` are formed in the worker, so every rank gets equal batches.
 
 Position (`SlotPosition`): after each batch a slot reports where it stands: the shard number and
 sample index of its next raw sample, the (shard number, sample index) of every sample in its shuffle
 buffer, its generator's state, and its counts. Resuming from it re-reads the buffered samples from
-their shards (a few shards per slot: a buffered sample is rarely older than a few buffer lengths),
-skips to the next raw sample and continues exactly as the uninterrupted stream would.
+their shards (a buffered sample is rarely older than a few buffer lengths, so that is about
+shuffle_buffer / shard size * ln(shard size) shards, of which local files give only the samples
+asked for), skips to the next raw sample and continues exactly as the uninterrupted stream would.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from simvq_scale.config import DataConfig
 from simvq_scale.data.decode import BadSample, decode_sample
@@ -135,17 +138,17 @@ class TrainStream(IterableDataset):
         wanted: dict[int, dict[int, int]] = {}
         for slot_index, (number, index) in enumerate(where.tolist()):
             wanted.setdefault(number, {})[index] = slot_index
-        samples: list[dict | None] = [None] * len(where)
+        samples: list[dict] = [{}] * len(where)
         for number in sorted(wanted):
             need = wanted[number]
-            for index, sample in enumerate(iter_samples(shards[number], stop=max(need) + 1)):
-                if index in need:
-                    samples[need[index]] = sample
-            missing = [i for i in need if samples[need[i]] is None]
-            if missing:
+            indices = sorted(need)
+            found = list(iter_samples(shards[number], stop=indices[-1] + 1, wanted=need.__contains__))
+            if len(found) < len(indices):  # a shard has every index below its length: the missing ones are the last
                 raise RuntimeError(f"cannot restore the data stream's position: shard {shards[number]} no longer "
-                                   f"holds sample {missing[0]}; were the shards rewritten since the checkpoint?")
-        return samples  # type: ignore[return-value]
+                                   f"holds sample {indices[len(found)]}; were the shards rewritten since the checkpoint?")
+            for index, sample in zip(indices, found):
+                samples[need[index]] = sample
+        return samples
 
     def __iter__(self) -> Iterator[dict]:
         worker, workers = worker_slot()
@@ -184,6 +187,6 @@ class TrainStream(IterableDataset):
                 position = SlotPosition(number, index + 1, where[: len(buffer)].copy(), rng.bit_generator.state,
                                         decoded, dict(log.counts))
                 records, dropped = log.take()
-                yield {"x": torch.stack(xs), "key": keys,
+                yield {"x": default_collate(xs), "key": keys,
                        STREAM_KEY: WorkerReport(logical, dict(log.counts), records, dropped, position)}
                 xs, keys = [], []

@@ -10,9 +10,10 @@ A sample is the group of consecutive tar members that share a key (`<key>.<ext>`
 WebDataset convention), grouped by webdataset's own `group_by_keys` (suffixes lower-cased) and
 returned undecoded as {"__key__", "__url__", ext: bytes, ...}. The tar members are walked by
 `tar_members` below rather than by webdataset's `tar_file_iterator`, which goes through Python's
-tarfile: on this project's 2-core CPU webdataset reads ~9,700 three-member audio samples per
-CPU-second and this walker ~27,800 (tools/bench_data.py prints both); with ~2,000 one-second FLAC
-crops decoded per CPU-second, tarfile's share alone kept the shard reader behind a folder of files.
+tarfile: on this project's 2-core CPU this walker reads 2.5-3x as many three-member audio samples
+per CPU-second (22,000-28,000 against 8,500-9,700; tools/bench_data.py prints both), and with
+~2,000 one-second FLAC crops decoded per CPU-second tarfile's share alone kept the shard reader
+behind a folder of files.
 
 Damage is never fatal: a member whose data is cut short marks its sample "__damaged__" (the
 decoder then skips it as truncated_sample), and a header that cannot be read, a shard that cannot

@@ -84,9 +84,6 @@ class ShardSequence:
             self._permutation = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
         return self._permutation
 
-    def epoch_of(self, number: int) -> int:
-        return shard_epoch(number, self.slot, self.slots, len(self.shards))
-
     def first_number_of_epoch(self, epoch: int) -> int:
         """The slot's first shard number whose position lies in `epoch` or later."""
         return max(0, -(-(epoch * len(self.shards) - self.slot) // self.slots))

@@ -108,4 +108,4 @@ class SkippedSampleReport:
         shown = "; ".join(f"{r['url']} {r['key'] or '(whole shard)'}: {r['reason']}" for r in named[:CONSOLE_RECORDS])
         more = max(0, len(named) - CONSOLE_RECORDS) + sum(r["count"] for r in unnamed)
         console(f"data: skipped {shown or 'samples'}" + (f" and {more} more" if more > 0 else "")
-                + f" (total {int(global_total)} so far; all named in {self.path})")
+                + f" (total {int(global_total)} so far; listed in {self.path})")

@@ -86,17 +86,14 @@ def is_main() -> bool:
 def codebook_shard_group(group: str) -> tuple[dist.ProcessGroup | None, int, int]:
     """(process group, my index in it, its size) for `quantizer.shard.group`; (None, 0, 1) when replicated.
 
-    Every rank must call this, in the same order: new_group is itself a collective.
+    The groups are contiguous rank ranges of equal size (ranks 0..s-1, s..2s-1, ...: one node each for
+    "node"), which is what torch.distributed.new_subgroups makes. Every rank must call this, in the same
+    order: creating groups is itself a collective.
     """
     size = shard_group_size(group, world_size(), local_world_size())
     if size == 1:
         return None, 0, 1
     if size == world_size():
         return dist.group.WORLD, rank(), size
-    mine = None
-    for first in range(0, world_size(), size):
-        ranks = list(range(first, first + size))
-        pg = dist.new_group(ranks)
-        if rank() in ranks:
-            mine = pg
-    return mine, rank() % size, size
+    mine, _ = dist.new_subgroups(group_size=size)
+    return mine, dist.get_rank(mine), size

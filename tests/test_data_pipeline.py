@@ -1,7 +1,6 @@
-"""Loaders over real tar shards: eval exactly-once across ranks, bad data, determinism, audio, gloo run."""
+"""Loaders over real tar shards: eval exactly-once across ranks, bad data, determinism, saved position, audio, gloo run."""
 
 import io
-import itertools
 import tarfile
 from collections import Counter
 
@@ -16,7 +15,7 @@ from PIL import Image
 from dist_utils import run_distributed
 from simvq_scale.config import DataConfig
 from simvq_scale.data import ShardPatternError, build_eval_loader, build_train_loader, shard_images
-from simvq_scale.data.pipeline import shard_order
+from simvq_scale.data.train_stream import ShardSequence
 
 NUM_IMAGES = 23
 
@@ -83,18 +82,18 @@ def test_pattern_matching_nothing_fails_at_build_naming_it(tmp_path):
         build_eval_loader(image_cfg(""), str(tmp_path / "*.tar"), 4, 0, 1)
 
 
-def train_batches(cfg, n, batch_size=4, rank=0, world_size=1, resume_counter=0):
-    loader = build_train_loader(cfg, batch_size, rank, world_size, resume_counter)
+def train_batches(cfg, n, batch_size=4, rank=0, world_size=1):
+    loader = build_train_loader(cfg, batch_size, rank, world_size)
     it = iter(loader)
     return [next(it) for _ in range(n)], loader
 
 
-def test_train_stream_is_deterministic_for_seed_and_resume_counter(image_shards):
+def test_train_stream_is_deterministic_for_its_seed(image_shards):
     pattern, all_keys, _ = image_shards
     cfg = image_cfg(pattern, random_resize=True)
     a, _ = train_batches(cfg, 8)
     b, _ = train_batches(cfg, 8)
-    c, _ = train_batches(cfg, 8, resume_counter=1)
+    c, _ = train_batches(image_cfg(pattern, random_resize=True, seed=1), 8)
     keys = lambda batches: [k for batch in batches for k in batch["key"]]  # noqa: E731
     assert keys(a) == keys(b) and all(torch.equal(x["x"], y["x"]) for x, y in zip(a, b))
     assert keys(a) != keys(c)
@@ -103,11 +102,12 @@ def test_train_stream_is_deterministic_for_seed_and_resume_counter(image_shards)
 
 
 def test_shard_order_splits_each_pass_between_slots():
-    slots, shards = 6, 20
-    orders = [list(itertools.islice(shard_order(shards, 3, 0, s, slots), 10)) for s in range(slots)]
+    slots, shards = 6, [f"s{i:02d}.tar" for i in range(20)]
+    orders = [[ShardSequence(shards, 3, s, slots)[n] for n in range(10)] for s in range(slots)]
     flat = [orders[s][i] for i in range(10) for s in range(slots)]  # the global sequence, in position order
-    assert sorted(flat[:shards]) == list(range(shards)) and sorted(flat[shards:2 * shards]) == list(range(shards))
-    assert orders != [list(itertools.islice(shard_order(shards, 3, 1, s, slots), 10)) for s in range(slots)]
+    assert sorted(flat[:20]) == shards and sorted(flat[20:40]) == shards
+    assert flat[:20] != flat[20:40]  # every pass is a new permutation
+    assert orders != [[ShardSequence(shards, 4, s, slots)[n] for n in range(10)] for s in range(slots)]
 
 
 def test_ranks_get_different_streams(image_shards):
@@ -142,7 +142,7 @@ def damaged_shards(tmp_path, image_shards):
 def test_eval_masks_and_counts_bad_samples(damaged_shards, image_shards):
     _, all_keys, _ = image_shards
     cfg = image_cfg(damaged_shards)
-    keys = []
+    keys, records = [], []
     skipped = Counter()
     batch_counts = set()
     for rank in range(2):
@@ -151,6 +151,7 @@ def test_eval_masks_and_counts_bad_samples(damaged_shards, image_shards):
         keys += rank_keys
         batch_counts.add(batches)
         skipped.update(loader.skipped())
+        records += loader.take_skipped_records()[0]
     counts = Counter(keys)
     assert set(counts) == all_keys
     # the two good samples before the cut are read a second time from the truncated copy
@@ -158,6 +159,9 @@ def test_eval_masks_and_counts_bad_samples(damaged_shards, image_shards):
     assert skipped["undecodable_image"] == 1 and skipped["missing_field"] == 1
     assert skipped["truncated_sample"] == 1 and skipped["truncated_tar"] >= 1
     assert len(batch_counts) == 1
+    named = {(r["url"].rsplit("/", 1)[1], r["key"], r["reason"]) for r in records}
+    assert {("s-000005.tar", "bad/garbage", "undecodable_image"), ("s-000005.tar", "bad/no_image", "missing_field"),
+            ("s-000006.tar", "class0/im06", "truncated_sample"), ("s-000006.tar", "", "truncated_tar")} <= named
 
 
 def test_train_skips_bad_data_and_exposes_counts(damaged_shards):
@@ -238,3 +242,62 @@ def test_loaders_under_a_real_two_process_gloo_run(image_shards):
     union = [k for rank_keys in results[0]["keys"] for k in rank_keys]
     assert sorted(union) == sorted(all_keys)
     assert all(r["train_shapes"] == [(2, 3, 16, 16)] * 3 for r in results)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_loader_continues_exactly_from_its_saved_state(image_shards, workers):
+    pattern, _, _ = image_shards
+    # 5 samples per shard, a 12-sample buffer: the saved buffer spans shards and passes; random crops and sizes
+    cfg = image_cfg(pattern, workers=workers, shuffle_buffer=12, random_resize=True)
+    straight, _ = train_batches(cfg, 24, batch_size=3)  # 72 samples, three passes over the 23
+    for cut in (1, 5, 14):  # with 2 workers, cuts 1 and 5 leave the second worker's batch next
+        loader = build_train_loader(cfg, 3, 0, 1)
+        batches = iter(loader)
+        for _ in range(cut):
+            next(batches)
+        saved = io.BytesIO()
+        torch.save(loader.state_dict(), saved)
+        state = torch.load(io.BytesIO(saved.getvalue()), weights_only=True)  # plain types and tensors only
+        resumed = build_train_loader(cfg, 3, 0, 1)
+        resumed.load_state_dict(state)
+        for expected, got in zip(straight[cut:], iter(resumed)):
+            assert got["key"] == expected["key"] and torch.equal(got["x"], expected["x"])
+    # a new iter() of the same loader continues after the last consumed batch, with the workers started anew
+    loader = build_train_loader(cfg, 3, 0, 1)
+    first = [next(iter(loader)) for _ in range(3)]
+    assert [b["key"] for b in first] == [b["key"] for b in straight[:3]]
+
+
+def test_a_state_of_another_layout_starts_at_the_next_epoch_with_a_warning(image_shards):
+    pattern, _, _ = image_shards
+    batches, loader = train_batches(image_cfg(pattern, workers=0), 8)  # 32 samples of 23: in the second pass
+    state = loader.state_dict()
+    reached = state["slots"][0]["next_shard"] // 5  # one slot over 5 shards
+    other = build_train_loader(image_cfg(pattern, workers=2), 4, 0, 1)
+    with pytest.warns(UserWarning, match=r"\(workers changed\).*starts at epoch"):
+        other.load_state_dict(state)
+    assert reached >= 1 and other.stream.start_epoch == reached + 1
+    assert other.skipped() == loader.skipped()
+    assert next(iter(other))["x"].shape == (4, 3, 16, 16)
+    with pytest.raises(ValueError, match="format"):
+        other.load_state_dict({**state, "format": 99})
+
+
+def test_skipped_samples_are_named_and_memory_is_capped(tmp_path, image_shards, monkeypatch):
+    pattern, _, _ = image_shards
+    corrupt = tmp_path / "c-000000.tar"
+    with open(corrupt, "wb") as f:
+        writer = wds.TarWriter(f, mtime=0, encoder=False)
+        for i in range(30):
+            writer.write({"__key__": f"bad/{i:02d}", "jpg": b"\xff\xd8not a jpeg"})
+        writer.close()
+    monkeypatch.setattr("simvq_scale.data.pipeline.MAX_PENDING_RECORDS", 10)
+    cfg = image_cfg(f"{pattern}::{corrupt}", workers=0, shuffle_buffer=4)
+    _, loader = train_batches(cfg, 20)  # 80 samples: more than one pass over the 53
+    total = loader.skipped_total()
+    records, dropped = loader.take_skipped_records()
+    assert total >= 30 and loader.skipped() == {"undecodable_image": total}  # counting goes on past the cap
+    assert len(records) == 10 and dropped == total - 10
+    assert all(r["url"] == str(corrupt) and r["key"].startswith("bad/") and r["reason"] == "undecodable_image"
+               for r in records)
+    assert loader.take_skipped_records() == ([], 0)

@@ -20,38 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
-from webdataset import TarWriter
+import webdataset as wds
 
 from simvq_scale.eval.runner import (add_common_arguments, encoded_batches, finish_tool, rank_and_world,
                                      skipped_counts, start_tool, tool_loader)
-
-
-class RankShardWriter:
-    """This rank's token tars, a new one every `shard_size` samples."""
-
-    def __init__(self, out: Path, rank: int, shard_size: int):
-        self.out, self.rank, self.shard_size = out, rank, shard_size
-        self.paths: list[str] = []
-        self.writer: TarWriter | None = None
-        self.in_shard = 0
-        self.samples = 0
-        self.token_shape: list[int] | None = None
-
-    def write(self, key: str, ids: np.ndarray) -> None:
-        if self.writer is None or self.in_shard == self.shard_size:
-            self.close()
-            path = self.out / f"tokens-r{self.rank:04d}-{len(self.paths):06d}.tar"
-            self.writer, self.in_shard = TarWriter(str(path)), 0
-            self.paths.append(path.name)
-        self.writer.write({"__key__": key, "ids.npy": ids.astype(np.int32)})
-        self.in_shard += 1
-        self.samples += 1
-        self.token_shape = list(ids.shape)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,14 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     loader = tool_loader(tokenizer, args)
-    writer = RankShardWriter(out, rank, args.shard_size)
+    mine = {"shards": [], "samples": 0, "token_shape": None}
+    writer = None  # opened at the first sample: a rank without samples writes no (empty) tar
     try:
         for keys, _, ids in encoded_batches(tokenizer, loader, progress=not args.no_progress, desc="export"):
             for key, grid in zip(keys, ids.cpu().numpy()):
-                writer.write(key, grid)
+                if writer is None:
+                    writer = wds.ShardWriter(str(out / f"tokens-r{rank:04d}-%06d.tar"), maxcount=args.shard_size,
+                                             post=lambda path: mine["shards"].append(Path(path).name), verbose=0)
+                writer.write({"__key__": key, "ids.npy": grid.astype(np.int32)})
+                mine["samples"] += 1
+                mine["token_shape"] = list(grid.shape)
     finally:
-        writer.close()
-    mine = {"shards": writer.paths, "samples": writer.samples, "token_shape": writer.token_shape}
+        if writer is not None:
+            writer.close()
     everyone = [mine]
     if world > 1:
         everyone = [None] * world

@@ -23,6 +23,9 @@ import torch
 import torchaudio.functional as AF
 from PIL import Image, UnidentifiedImageError
 
+from simvq_scale.config import DataConfig
+from simvq_scale.data.tars import DAMAGED
+
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 AUDIO_FIELDS = ("flac", "wav", "ogg", "mp3")
 RESIZED_CROP_SCALE = (0.25, 1.0)  # fraction of the image area a random-resized crop covers
@@ -34,12 +37,12 @@ class BadSample(Exception):
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 def _field(sample: dict, names: tuple[str, ...]) -> bytes:
-    if "__damaged__" in sample:
-        raise BadSample("truncated_sample", sample["__damaged__"])
+    if DAMAGED in sample:
+        raise BadSample("truncated_sample", sample[DAMAGED])
     for name in names:
         if name in sample:
             return sample[name]
@@ -99,6 +102,25 @@ def to_mono_at_rate(audio: np.ndarray, rate: int, target_rate: int) -> np.ndarra
     return mono
 
 
+def read_frames(f: sf.SoundFile, frames: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Up to `frames` frames from the current position as (n, channels) float32, read by libsndfile directly
+    (into `out`, a C-contiguous (frames, channels) float32 array, when given).
+
+    soundfile's own read() seeks to where the read ended after every read; on FLAC that seek decodes
+    a frame again and, on an in-memory file, calls back into Python for the bytes: reading directly
+    decodes ~20% more 1 s crops of FLAC clips per CPU-second on this project's CPU (1,150 -> 1,390,
+    median of 5). `_snd`, `_ffi` and `_file` are soundfile internals, the ones its own read() calls;
+    every audio test goes through here, so a soundfile that renames them fails the tests, not silently.
+    """
+    if out is None:
+        out = np.empty((frames, f.channels), dtype=np.float32)
+    got = sf._snd.sf_readf_float(f._file, sf._ffi.cast("float *", out.ctypes.data), frames)
+    error = sf._snd.sf_error(f._file)
+    if error:
+        raise sf.LibsndfileError(error, prefix="reading: ")
+    return out[:got]
+
+
 def decode_audio(sample: dict, sample_rate: int, segment_seconds: float, train: bool, gain_db: float,
                  rng: np.random.Generator) -> torch.Tensor:
     data = _field(sample, AUDIO_FIELDS)
@@ -114,16 +136,34 @@ def decode_audio(sample: dict, sample_rate: int, segment_seconds: float, train: 
             start = int(rng.integers(0, max(frames - source_length, 0) + 1)) if train else 0
             if start:
                 f.seek(start)
-            audio = f.read(source_length, dtype="float32", always_2d=True)
+            # mono at the target rate (what the shard writers store) is read straight into the result
+            wave = np.empty(length, dtype=np.float32) if rate == sample_rate and f.channels == 1 else None
+            audio = read_frames(f, source_length, None if wave is None else wave.reshape(length, 1))
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise BadSample("undecodable_audio", f"{sample.get('__key__')}: {e}") from None
     if audio.shape[0] == 0:
         raise BadSample("empty_audio", str(sample.get("__key__")))
-    mono = to_mono_at_rate(audio, rate, sample_rate)[:length]
-    if not np.isfinite(mono).all():
+    if wave is None:
+        audio = to_mono_at_rate(audio, rate, sample_rate)[:length]
+        wave = np.empty(length, dtype=np.float32)
+        wave[: len(audio)] = audio
+    wave[len(audio):] = 0  # a short clip is zero-padded at the end
+    if not np.isfinite(wave).all():  # (numpy: ~15x faster than torch.isfinite(...).all() on one thread)
         raise BadSample("undecodable_audio", f"{sample.get('__key__')}: non-finite samples")
-    wave = torch.zeros(length, dtype=torch.float32)
-    wave[: len(mono)] = torch.from_numpy(np.ascontiguousarray(mono))
     if train and gain_db > 0:
-        wave.mul_(10.0 ** (rng.uniform(-gain_db, gain_db) / 20.0))
-    return wave
+        wave *= 10.0 ** (rng.uniform(-gain_db, gain_db) / 20.0)
+    return torch.from_numpy(wave)
+
+
+def sample_shape(cfg: DataConfig) -> tuple[int, ...]:
+    """Shape of one decoded sample: the modality's answer."""
+    from simvq_scale.modality import get_modality  # lazy: the modalities import this module's decoders
+
+    return get_modality(cfg.modality).sample_shape(cfg)
+
+
+def decode_sample(cfg: DataConfig, sample: dict, train: bool, rng: np.random.Generator) -> torch.Tensor:
+    """A raw shard sample as the modality decodes it (decode_image / decode_audio)."""
+    from simvq_scale.modality import get_modality
+
+    return get_modality(cfg.modality).decode(cfg, sample, train, rng)

@@ -1,42 +1,39 @@
-"""Training and evaluation loaders over WebDataset shards, for images and audio alike.
+"""Training and evaluation loaders over WebDataset shards (local paths or URLs), for images and audio alike.
 
-Training (`build_train_loader`): an infinite, deterministic stream per (rank, worker).
-  * Shard order: an endless sequence of permutations of the shard list, permutation e seeded by
-    (seed, resume_counter, e); reader slot s = rank * workers + worker takes positions s, s + S,
-    s + 2S, ... (S = world_size * workers), so the slots split every pass between them and a
-    resumed run (a new resume_counter) does not replay the same order from the start.
-  * Shuffle: a buffer of `shuffle_buffer` undecoded samples per slot; decoding and cropping come
-    after it, with a generator seeded by (seed, rank, worker, resume_counter).
-  * Batches of exactly `batch_size` are formed in the worker, so every rank gets equal batches.
-Evaluation (`build_eval_loader`): the samples of the given shards (counted from the tar headers
-at build time) are cut into contiguous ranges, one per rank and inside it one per worker; every
-sample is read once, and the last batches are padded (mask False) so that every rank yields the
-same number of batches.
+Training (`build_train_loader`): an endless, deterministic stream per rank (train_stream.py: shard
+order, shuffle of undecoded samples, decode and crop after it, equal batches). The loader's
+`state_dict()` is the position of the batches consumed so far (not of those the workers have
+prefetched); `load_state_dict()` on a fresh loader continues exactly there, so a resumed run reads
+what an uninterrupted one reads, whatever the checkpoint interval, and saving restarts nothing.
+Evaluation (`build_eval_loader`): every sample of the given shards once across ranks, the same
+number of batches on every rank (eval_stream.py).
 
 Bad data never stops a run: undecodable or truncated samples, unreadable tars and empty audio are
-skipped in training and masked in evaluation, and counted; `loader.skipped()` returns the counts
-by reason (summed over workers and over every pass made so far) for logging. A shard pattern that
-matches nothing raises ShardPatternError at build time, naming the pattern.
+skipped in training and masked in evaluation, and counted: `loader.skipped()` returns the counts by
+reason (summed over workers, and in training over the whole run including before a resume), and
+`loader.take_skipped_records()` the named records (shard URL, key, reason) since its last call. A
+shard pattern that matches nothing raises ShardPatternError at build time, naming the pattern.
 """
 
 from __future__ import annotations
 
-import itertools
+import hashlib
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from simvq_scale.config import DataConfig
-from simvq_scale.data.decode import BadSample
-from simvq_scale.data.tars import count_samples, expand_shards, iter_samples
+from simvq_scale.data.decode import sample_shape
 from simvq_scale.modality import get_modality
+from simvq_scale.data.eval_stream import EvalStream, count_shards
+from simvq_scale.data.skips import MAX_PENDING_RECORDS, STREAM_KEY, SkipLog, WorkerReport
+from simvq_scale.data.tars import expand_shards
+from simvq_scale.data.train_stream import SlotPosition, TrainStream, shard_epoch
 
-STATS_KEY = "_skipped"  # per-batch (worker, cumulative counts) travelling from a worker to the loader
-MAX_FAILURES_WITHOUT_SUCCESS = 1000  # a stream in which nothing ever decodes is an error, not a hang
-TAR_LEVEL_PROBLEMS = ("truncated_tar", "unreadable_tar")
+STATE_FORMAT = 1
 
 
 def _check_setup(cfg: DataConfig, batch_size: int, rank: int, world_size: int) -> None:
@@ -49,175 +46,98 @@ def _check_setup(cfg: DataConfig, batch_size: int, rank: int, world_size: int) -
         raise ValueError(f"data.workers={cfg.workers} must be >= 0")
 
 
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-def sample_shape(cfg: DataConfig) -> tuple[int, ...]:
-    return get_modality(cfg.modality).sample_shape(cfg)
-
-
-def decode_sample(cfg: DataConfig, sample: dict, train: bool, rng: np.random.Generator) -> torch.Tensor:
-    return get_modality(cfg.modality).decode(cfg, sample, train, rng)
-
-
-def shard_order(num_shards: int, seed: int, resume_counter: int, slot: int, slots: int) -> Iterator[int]:
-    """Endless shard indices for reader `slot` of `slots` (see the module docstring)."""
-    def passes() -> Iterator[int]:
-        for epoch in itertools.count():
-            yield from np.random.default_rng([seed, resume_counter, epoch]).permutation(num_shards).tolist()
-    return itertools.islice(passes(), slot, None, slots)
-
-
-def shuffled(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
-    """Samples in random order through a buffer of `size` (<= 1: unchanged order); flushes at the end."""
-    buffer: list[dict] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        i = int(rng.integers(len(buffer)))
-        buffer[i], sample = sample, buffer[i]
-        yield sample
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-class TrainStream(IterableDataset):
-    """Endless equal-size batches for one rank; see the module docstring for the seeding."""
-
-    def __init__(self, cfg: DataConfig, shards: list[str], batch_size: int, rank: int, world_size: int,
-                 resume_counter: int):
-        self.cfg, self.shards, self.batch_size = cfg, shards, batch_size
-        self.rank, self.world_size, self.resume_counter = rank, world_size, resume_counter
-
-    def _raw(self, slot: int, slots: int, counts: Counter) -> Iterator[dict]:
-        def count(kind: str, detail: str) -> None:
-            counts[kind] += 1
-
-        empty_in_a_row = 0
-        for index in shard_order(len(self.shards), self.cfg.seed, self.resume_counter, slot, slots):
-            produced = 0
-            for sample in iter_samples(self.shards[index], count):
-                produced += 1
-                yield sample
-            empty_in_a_row = 0 if produced else empty_in_a_row + 1
-            if empty_in_a_row > 2 * len(self.shards):
-                raise RuntimeError(f"none of the {len(self.shards)} shards (first {self.shards[0]}) yields a "
-                                   f"sample; problems seen: {dict(counts)}")
-
-    def __iter__(self) -> Iterator[dict]:
-        worker, workers = _worker()
-        slot, slots = self.rank * workers + worker, self.world_size * workers
-        rng = np.random.default_rng([self.cfg.seed, self.rank, worker, self.resume_counter])
-        counts: Counter = Counter()
-        decoded = 0
-        xs, keys = [], []
-        for sample in shuffled(self._raw(slot, slots, counts), self.cfg.shuffle_buffer, rng):
-            try:
-                xs.append(decode_sample(self.cfg, sample, True, rng))
-            except BadSample as e:
-                counts[e.reason] += 1
-                if decoded == 0 and sum(counts.values()) >= MAX_FAILURES_WITHOUT_SUCCESS:
-                    raise RuntimeError(f"the first {sum(counts.values())} samples of {self.shards[0]} and "
-                                       f"others all failed to decode: {dict(counts)}; last error: {e}") from None
-                continue
-            decoded += 1
-            keys.append(sample["__key__"])
-            if len(xs) == self.batch_size:
-                yield {"x": torch.stack(xs), "key": keys, STATS_KEY: (worker, dict(counts))}
-                xs, keys = [], []
-
-
-def split_range(total: int, parts: int, part: int) -> tuple[int, int]:
-    """[start, stop) of contiguous part `part` of `parts` nearly equal parts of range(total)."""
-    return total * part // parts, total * (part + 1) // parts
-
-
-class EvalStream(IterableDataset):
-    """Every sample of this rank's range once, in batches padded to `batch_size` with mask False."""
-
-    def __init__(self, cfg: DataConfig, shards: list[str], counts: list[int], batch_size: int, rank: int,
-                 world_size: int):
-        self.cfg, self.shards, self.counts, self.batch_size = cfg, shards, counts, batch_size
-        self.rank, self.world_size = rank, world_size
-
-    def _worker_range(self, rank: int, worker: int, workers: int) -> tuple[int, int]:
-        start, stop = split_range(sum(self.counts), self.world_size, rank)
-        a, b = split_range(stop - start, workers, worker)
-        return start + a, start + b
-
-    def batches_per_rank(self, workers: int) -> int:
-        """The batch count every rank yields: the largest any rank needs."""
-        def needed(rank: int) -> int:
-            sizes = [b - a for a, b in (self._worker_range(rank, w, workers) for w in range(workers))]
-            return sum(-(-n // self.batch_size) for n in sizes)
-        return max(needed(r) for r in range(self.world_size))
-
-    def _raw(self, start: int, stop: int, counts: Counter) -> Iterator[dict | None]:
-        """Exactly stop - start items: the samples of [start, stop), None where one could not be read."""
-        def count(kind: str, detail: str) -> None:
-            if kind not in TAR_LEVEL_PROBLEMS:  # those were counted once, when the shards were counted
-                counts[kind] += 1
-
-        offset = 0
-        for path, n in zip(self.shards, self.counts):
-            lo, hi = max(start, offset) - offset, min(stop, offset + n) - offset
-            if lo < hi:
-                got = 0
-                for sample in iter_samples(path, count, lo, hi):
-                    got += 1
-                    yield sample
-                if got < hi - lo:  # the shard changed or broke since it was counted
-                    counts["missing_sample"] += hi - lo - got
-                    yield from itertools.repeat(None, hi - lo - got)
-            offset += n
-
-    def __iter__(self) -> Iterator[dict]:
-        worker, workers = _worker()
-        start, stop = self._worker_range(self.rank, worker, workers)
-        rng = np.random.default_rng(0)  # unused by evaluation decoding, which is deterministic
-        counts: Counter = Counter()
-        shape = sample_shape(self.cfg)
-        xs, keys, mask = [], [], []
-        items = self._raw(start, stop, counts)
-        for sample in itertools.chain(items, itertools.repeat(None, -(stop - start) % self.batch_size)):
-            x = None
-            if sample is not None:
-                try:
-                    x = decode_sample(self.cfg, sample, False, rng)
-                except BadSample as e:
-                    counts[e.reason] += 1
-            xs.append(torch.zeros(shape) if x is None else x)
-            keys.append("" if x is None else sample["__key__"])
-            mask.append(x is not None)
-            if len(xs) == self.batch_size:
-                yield {"x": torch.stack(xs), "key": keys, "mask": torch.tensor(mask), STATS_KEY: (worker, dict(counts))}
-                xs, keys, mask = [], [], []
-
-
 class ShardLoader:
     """Iterable of batch dicts from a TrainStream or EvalStream through a torch DataLoader.
 
-    `skipped()` -> {reason: count} of bad data seen so far (all workers, all passes); `skipped_total()`
-    is their sum. Evaluation loaders have `len()` (the batch count, equal on every rank).
+    `skipped()` -> {reason: count} of bad data seen so far; `skipped_total()` is their sum;
+    `take_skipped_records()` -> (records since the last call, how many more were only counted).
+    Training loaders have `state_dict()` / `load_state_dict()`, and a new `iter()` continues from the
+    last consumed batch. Evaluation loaders have `len()` (the batch count, equal on every rank); each
+    `iter()` is a new pass, and the counts add up over passes.
     """
 
     def __init__(self, stream: TrainStream | EvalStream, workers: int, num_batches: int | None = None,
-                 found_at_build: Counter | None = None):
+                 found_at_build: SkipLog | None = None):
         self.stream, self.workers, self.num_batches = stream, workers, num_batches
-        self._finished_passes: Counter = Counter(found_at_build or {})
-        self._current: dict[int, dict] = {}
+        found = found_at_build or SkipLog()
+        # counts by reason: from the build, finished evaluation passes, a state of another layout; and per worker
+        self._earlier_counts: Counter = Counter(found.counts)
+        self._worker_counts: dict[int, dict[str, int]] = {}
+        self._pending = SkipLog(cap=MAX_PENDING_RECORDS)  # named records until take_skipped_records()
+        self._pending.keep(found.records, found.dropped)
+        self._positions: dict[int, SlotPosition] = {}  # training: each worker's position after its last consumed batch
+        self._next_worker = 0  # training: the logical worker whose batch comes next
+
+    @property
+    def slots_per_rank(self) -> int:
+        return max(self.workers, 1)
 
     def skipped(self) -> dict[str, int]:
-        total = Counter(self._finished_passes)
-        for counts in self._current.values():
+        total = Counter(self._earlier_counts)
+        for counts in self._worker_counts.values():
             total.update(counts)
         return dict(total)
 
     def skipped_total(self) -> int:
         return sum(self.skipped().values())
+
+    def take_skipped_records(self) -> tuple[list[dict], int]:
+        return self._pending.take()
+
+    def _receive(self, report: WorkerReport) -> None:
+        self._worker_counts[report.worker] = report.counts
+        self._pending.keep(report.records, report.dropped)
+        if report.position is not None:
+            self._positions[report.worker] = report.position
+            self._next_worker = (report.worker + 1) % self.slots_per_rank
+
+    # ------------------------------------------------------------------ position (training)
+
+    def _layout(self) -> dict:
+        """What must be equal for a saved position to be continued exactly."""
+        s = self.stream
+        digest = hashlib.sha256("\n".join(s.shards).encode()).hexdigest()[:16]
+        return {"world_size": s.world_size, "rank": s.rank, "workers": self.slots_per_rank, "seed": s.cfg.seed,
+                "num_shards": len(s.shards), "shards_sha256": digest}
+
+    def state_dict(self) -> dict:
+        """The position after the last consumed batch: per reader slot, its shard, sample, shuffle buffer
+        and generator state (see train_stream.SlotPosition); plain types and tensors only."""
+        if not isinstance(self.stream, TrainStream):
+            raise TypeError("only a training loader has a position to save")
+        slots = [self._positions[w].state_dict() if w in self._positions else None
+                 for w in range(self.slots_per_rank)]
+        return {"format": STATE_FORMAT, "layout": self._layout(), "next_worker": self._next_worker, "slots": slots,
+                "start_epoch": self.stream.start_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (a state_dict() of the same layout). A state of another layout (world size,
+        data.workers, shard list or seed changed) cannot be continued exactly: the stream then starts at the
+        first epoch that none of the saved slots had begun, with a warning."""
+        if not isinstance(self.stream, TrainStream):
+            raise TypeError("only a training loader has a position to load")
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"data loader state of format {state.get('format')!r}; this version reads {STATE_FORMAT}")
+        self.stream.start_epoch = int(state["start_epoch"])
+        positions = {w: SlotPosition.from_state(s) for w, s in enumerate(state["slots"]) if s is not None}
+        saved = state["layout"]
+        if saved == self._layout():
+            self._positions = positions
+            self._next_worker = int(state["next_worker"])
+            self._worker_counts = {w: dict(p.skipped) for w, p in positions.items()}
+            return
+        reached = [shard_epoch(p.next_shard, saved["rank"] * saved["workers"] + w,
+                               saved["world_size"] * saved["workers"], saved["num_shards"])
+                   for w, p in positions.items()]
+        self.stream.start_epoch = max(reached, default=self.stream.start_epoch - 1) + 1
+        self._positions, self._next_worker, self._worker_counts = {}, 0, {}
+        for p in positions.values():  # the new slots count from zero on top of these
+            self._earlier_counts.update(p.skipped)
+        changed = sorted(k for k in saved if saved[k] != self._layout().get(k))
+        warnings.warn(f"the data stream was saved with another layout ({', '.join(changed)} changed): it cannot "
+                      f"continue exactly and starts at epoch {self.stream.start_epoch} instead", stacklevel=2)
+
+    # ------------------------------------------------------------------ iteration
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -225,14 +145,16 @@ class ShardLoader:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict]:
-        self._finished_passes = Counter(self.skipped())
-        self._current = {}
+        if isinstance(self.stream, TrainStream):
+            self.stream.starts, self.stream.first_worker = dict(self._positions), self._next_worker
+        else:  # a new evaluation pass: its workers count from zero again
+            self._earlier_counts = Counter(self.skipped())
+            self._worker_counts = {}
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers,
                             pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.workers else None)
         produced = 0
         for batch in loader:
-            worker, counts = batch.pop(STATS_KEY)
-            self._current[worker] = counts
+            self._receive(batch.pop(STREAM_KEY))
             produced += 1
             yield batch
         if self.num_batches is not None:
@@ -242,35 +164,29 @@ class ShardLoader:
                        "mask": torch.zeros(self.stream.batch_size, dtype=torch.bool)}
 
 
-def build_train_loader(cfg: DataConfig, batch_size: int, rank: int, world_size: int,
-                       resume_counter: int = 0) -> ShardLoader:
+def build_train_loader(cfg: DataConfig, batch_size: int, rank: int, world_size: int) -> ShardLoader:
     """Endless loader of {"x": (B,3,H,W) in [-1,1] | (B,T) float32, "key": list[str]} for this rank.
 
-    Reads `cfg.train_shards` with `cfg.workers` DataLoader workers (0: in this process).
-    `resume_counter` (e.g. the number of restarts, or the step at which the run resumed) reseeds the
-    shard order, shuffle and crops, so a resumed run does not replay its first batches.
-    Bad data is skipped; `loader.skipped()` returns the counts by reason. Iterate it once: every new
-    `iter()` starts the stream again from the same seed (pass a new resume_counter to continue instead).
+    Reads `cfg.train_shards` (paths, patterns or URLs) with `cfg.workers` DataLoader workers (0: in this
+    process). A fresh loader starts the stream of `cfg.seed` from its beginning; `load_state_dict` continues
+    a saved one. Bad data is skipped; `loader.skipped()` returns the counts by reason.
     """
     _check_setup(cfg, batch_size, rank, world_size)
     shards = expand_shards(cfg.train_shards)
-    return ShardLoader(TrainStream(cfg, shards, batch_size, rank, world_size, resume_counter), cfg.workers)
+    return ShardLoader(TrainStream(cfg, shards, batch_size, rank, world_size), cfg.workers)
 
 
 def build_eval_loader(cfg: DataConfig, shards: str, batch_size: int, rank: int, world_size: int) -> ShardLoader:
     """Finite loader of {"x", "key", "mask": (B,) bool, False for padding} over every sample of `shards` once.
 
     The samples are split between ranks (and their workers) in contiguous ranges; every rank yields
-    `len(loader)` batches, the same number on every rank. Samples that fail to decode are masked out
-    and counted in `loader.skipped()`. Ranks are given explicitly; torch.distributed is not needed.
+    `len(loader)` batches, the same number on every rank. The split needs every shard's sample count: local
+    shards are counted from their tar headers, URL shards by streaming each once (on every rank) at build
+    time. Samples that fail to decode are masked out and counted in `loader.skipped()`. Ranks are given
+    explicitly; torch.distributed is not needed.
     """
     _check_setup(cfg, batch_size, rank, world_size)
-    paths = expand_shards(shards)
-    problems: Counter = Counter()
-
-    def count(kind: str, detail: str) -> None:
-        problems[kind] += 1
-
-    counts = [count_samples(p, count) for p in paths]
-    stream = EvalStream(cfg, paths, counts, batch_size, rank, world_size)
-    return ShardLoader(stream, cfg.workers, stream.batches_per_rank(max(cfg.workers, 1)), problems)
+    urls = expand_shards(shards)
+    counts, found = count_shards(urls)
+    stream = EvalStream(cfg, urls, counts, batch_size, rank, world_size)
+    return ShardLoader(stream, cfg.workers, stream.batches_per_rank(max(cfg.workers, 1)), found)

@@ -155,7 +155,7 @@ def _completed_record(out_dir: str, prefix: str, index: int, digest: str, settin
     if not os.path.isfile(tar_path) or os.path.getsize(tar_path) != record.get("bytes"):
         return None
     errors: list[str] = []
-    if count_samples(tar_path, lambda kind, detail: errors.append(detail)) != record["samples"] or errors:
+    if count_samples(tar_path, lambda reason, key, detail: errors.append(detail)) != record["samples"] or errors:
         return None
     return record
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from simvq_scale import distributed
 from simvq_scale.config import Config, dump_config, micro_batch_and_accumulation, to_dict
-from simvq_scale.data import build_eval_loader, build_train_loader
+from simvq_scale.data import SkippedSampleReport, build_eval_loader, build_train_loader
 from simvq_scale.inference import EXPORT_NAME, export_generator
 from simvq_scale.modality import get_modality
 from simvq_scale.quant import build_quantizer
@@ -210,7 +210,8 @@ class Trainer:
         self.metrics.write_run_info()
         self.engine_g.train()
         self.engine_d.train()
-        self._start_stream(self.state.data.get("stream_start", 0))
+        self.skip_report = SkippedSampleReport(out / "skipped_samples.jsonl", distributed.is_main())
+        self.batches = iter(self.loader)  # from the restored position after a resume; saves do not restart it
         first = True
         while self.state.step < cfg.train.steps:
             t0 = time.perf_counter()
@@ -239,6 +240,7 @@ class Trainer:
                     "train/nonfinite_losses": self.guard.count,
                     "quantizer/search_fallbacks": self.quantizer.search_fallbacks}
         values = self.metrics.log(step, counters, host, self.quantizer.projection_weight(), images)
+        self.skip_report.publish(step, self.loader, values["data/skipped_samples"], self.log.console)  # collective
         self.guard.verdict(int(values["train/nonfinite_losses"]), step)
         if images:
             self._log_reconstructions(step)
@@ -258,25 +260,21 @@ class Trainer:
     def _restore(self, root: Path, tag: str) -> None:
         client, rank_state = Checkpointer.load(root, tag, self.engine_g, self.engine_d)
         self.state.load_state_dict(client["train_state"])
-        if rank_state is not None and client["world_size"] == self.world:
-            self.metrics.usage.load_state_dict(rank_state["usage"])
+        if rank_state is not None:
+            self.state.load_rank_state_dict(rank_state)
+            if self.state.data:  # a checkpoint without a loader position starts the stream from its beginning
+                self.loader.load_state_dict(self.state.data)
+            if client["world_size"] == self.world:
+                self.metrics.usage.load_state_dict(rank_state["usage"])
         self.log.console(f"resumed from {root}/*/{tag} at step {self.state.step} "
                          f"({self.state.samples_seen} samples seen)")
 
     def save(self) -> None:
         """Collective: a checkpoint of both engines and the train state, then the EMA export (rank 0)."""
         self.guard.reduce(self.state.step)
-        # the data stream restarts from a seed made of this step (below), so a resumed run reads
-        # exactly what an uninterrupted one reads after this checkpoint
-        self.state.data = {"stream_start": self.state.step}
+        # each rank's loader position (of the batches consumed so far) goes into its own rank file
+        self.state.data = self.loader.state_dict()
         self.checkpointer.save(self.state.step, self.engine_g, self.engine_d, self._client_state(),
-                               {"usage": self.metrics.usage.state_dict()})
+                               {**self.state.rank_state_dict(), "usage": self.metrics.usage.state_dict()})
         if distributed.is_main():
             export_generator(self.state.ema.module, self.cfg, self.state.step, Path(self.cfg.train.out_dir) / EXPORT_NAME)
-        self._start_stream(self.state.step)
-
-    def _start_stream(self, start_step: int) -> None:
-        self.state.data = {"stream_start": start_step}
-        self.loader = build_train_loader(self.cfg.data, self.micro_batch * self.accumulation, self.rank, self.world,
-                                         resume_counter=start_step)
-        self.batches = iter(self.loader)

@@ -147,3 +147,38 @@ def weight_spectrum(weight: torch.Tensor) -> dict:
         "frobenius_norm": float(torch.linalg.matrix_norm(w)),
         "effective_rank": float(torch.exp(-torch.special.xlogy(p, p).sum())),
     }
+
+
+def _steps_of(state: dict) -> list[tuple[int, torch.Tensor]]:
+    """(tokens, indices) of each step of a usage state, oldest first."""
+    chunks = torch.split(state["indices"], state["step_lengths"].tolist())
+    return list(zip(state["step_tokens"].tolist(), chunks))
+
+
+def _state_of(template: dict, steps: list[tuple[int, torch.Tensor]]) -> dict:
+    return {**{k: template[k] for k in ("codebook_size", "start", "stop", "window_tokens")},
+            "step_tokens": torch.tensor([n for n, _ in steps], dtype=torch.long),
+            "step_lengths": torch.tensor([idx.numel() for _, idx in steps], dtype=torch.long),
+            "indices": torch.cat([idx for _, idx in steps]) if steps else torch.zeros(0, dtype=torch.long)}
+
+
+def merge_usage_states(states: list[dict]) -> dict:
+    """One usage state holding several ranks' windows (a resume on fewer ranks): the k-th most recent
+    steps of all of them become one step, so the summed counts and the order in time are kept."""
+    per_rank = [_steps_of(s) for s in states]
+    depth = max(len(steps) for steps in per_rank)
+    merged = []
+    for back in range(depth, 0, -1):  # oldest first, aligned at the most recent step
+        parts = [steps[len(steps) - back] for steps in per_rank if len(steps) >= back]
+        merged.append((sum(n for n, _ in parts), torch.cat([idx for _, idx in parts])))
+    return _state_of(states[0], merged)
+
+
+def split_usage_state(state: dict, part: int, parts: int) -> dict:
+    """Part `part` of `parts` of a usage state (a resume on more ranks): every step's tokens and indices
+    cut into nearly equal contiguous pieces, so the parts' counts sum to the whole's."""
+    def piece(total: int) -> slice:
+        return slice(total * part // parts, total * (part + 1) // parts)
+
+    steps = [(len(range(n)[piece(n)]), idx[piece(idx.numel())]) for n, idx in _steps_of(state)]
+    return _state_of(state, steps)

@@ -35,6 +35,7 @@ from simvq_scale.models.discriminators import build_discriminator
 from simvq_scale.quant.factory import build_quantizer
 from simvq_scale.quant.stats import CodebookUsage, weight_spectrum
 from simvq_scale.train.checkpoint import Checkpointer
+from simvq_scale.train.run_dir import RunDir
 from simvq_scale.train.logging import NoOpLogger, RunLogger, format_eta
 
 EXPORT_NAME = "generator_ema.pt"
@@ -142,6 +143,7 @@ class Trainer:
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
+        ds_config.update(self.checkpointer.deepspeed_config(zero_stage))  # a resume at another world size
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
         return engine
@@ -202,11 +204,11 @@ class Trainer:
 
     def _restore(self, found: tuple[Path, str]) -> None:
         root, tag = found
-        client, rank_state = Checkpointer.load(root, tag, self.engine_g, self.engine_d)
+        client, rank_state = self.checkpointer.load(root, tag, self.engine_g, self.engine_d)
         self.step, self.samples_seen = client["step"], client["samples_seen"]
         self.stream_start = client["stream_start"]
         self.ema.load_state_dict(client["ema"])
-        if rank_state is not None and client["world_size"] == self.world:
+        if rank_state is not None:  # re-split by the checkpointer when the world size changed
             self.usage.load_state_dict(rank_state["usage"])
         self.logger.console(f"resumed from {root}/*/{tag} at step {self.step} ({self.samples_seen} samples seen)")
 
@@ -294,8 +296,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self, resume: str | None = None) -> None:
-        found = self.checkpointer.resolve(resume)  # None: start fresh (a PATH with no checkpoint raises)
+    def fit(self, resume: str | None = None, overwrite: bool = False) -> None:
+        # lock the run folder, check --resume/--overwrite and the config against the checkpoint, tidy
+        self.run_dir = RunDir(self.cfg, self.checkpointer)
+        found = self.run_dir.open(resume, overwrite, {"generator": self.generator, "discriminator": self.discriminator})
         self._setup(resuming=found is not None)
         if found is not None:
             self._restore(found)
@@ -328,6 +332,7 @@ class Trainer:
                 self._save()
         self.logger.console(f"done: step {self.step}, run folder {self.cfg.train.out_dir}")
         self.logger.close()
+        self.run_dir.close()
 
     def _log(self, sums, micro_steps, elapsed, data_wait, run_start, first_step) -> None:
         tags = sorted(sums)

@@ -257,7 +257,7 @@ class RunDir:
             os.replace(root / "latest.tmp", root / "latest")
         dropped = truncate_metrics(self.out / METRICS_NAME, step)
         if removed or dropped:
-            gone = [str(p.relative_to(self.out)) for p in removed] + ([f"{dropped} rows of {METRICS_NAME} after "
+            gone = [str(p.relative_to(self.out)) for p in removed] + ([f"{dropped} row(s) of {METRICS_NAME} after "
                                                                        f"step {step}"] if dropped else [])
             print(f"resume: removed {', '.join(gone)}", flush=True)
 

@@ -148,7 +148,8 @@ class Heartbeat:
 
     def _lost_message(self, rank: int, beat: str | None, silent_s: float) -> str:
         info = json.loads(beat) if beat else {}
-        where = f" (host {info['host']}, pid {info['pid']}, last at step {info['step']})" if info else ""
+        step = f", last at step {info['step']}" if info.get("step") is not None else ""
+        where = f" (host {info['host']}, pid {info['pid']}{step})" if info else ""
         return (f"rank {rank}{where} has sent no heartbeat for {silent_s:.0f} s "
                 f"(train.heartbeat_timeout_s={self.timeout_s:g}): it is frozen, dead or cut off. Every rank "
                 f"stops now instead of waiting out train.collective_timeout_s={self.collective_timeout_s:g} "

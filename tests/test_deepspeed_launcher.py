@@ -34,7 +34,8 @@ def test_two_no_ssh_launchers_form_one_job_of_world_size_two(demo_data, tmp_path
                                "--master_addr", "127.0.0.1", "--master_port", port,
                                str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "image_demo.yaml"),
                                "--set", *overrides],
-                              cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
              for node in (0, 1)]
     try:
         outputs = [node.communicate(timeout=600)[0] for node in nodes]

@@ -55,7 +55,7 @@ def test_a_frozen_rank_is_named_and_the_survivor_exits(frozen):
         code, stderr = outcome
         assert code == 7, stderr[-3000:]
         if frozen == 1:  # rank 0 watches rank 1 through the store
-            assert f"error: rank 1 (host " in stderr and "last at step 7) has sent no heartbeat for" in stderr
+            assert "error: rank 1 (host " in stderr and "last at step 7) has sent no heartbeat for" in stderr
         else:  # rank 0 hosts the store: the store itself falls silent
             assert "error: the rendezvous store at 127.0.0.1:" in stderr and "rank 0 or its node" in stderr
         assert f"train.heartbeat_timeout_s={HEARTBEAT_S:g}" in stderr

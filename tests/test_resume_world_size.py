@@ -55,7 +55,8 @@ def resume_worker(rank, world_size, restore_only, continue_to_4):
     trainer.fit(resume="auto")
     moments = {}
     for name, engine in (("generator", trainer.engine_g), ("discriminator", trainer.engine_d)):
-        total = torch.tensor([sum(float(s["exp_avg_sq"].double().sum()) for s in engine.optimizer.optimizer.state.values())],
+        adam = engine.optimizer.optimizer  # the client AdamW inside DeepSpeed's ZeRO optimizer
+        total = torch.tensor([sum(float(s["exp_avg_sq"].double().sum()) for s in adam.state.values())],
                              dtype=torch.float64)
         dist.all_reduce(total)  # each rank holds its ZeRO partition of the moments
         moments[name] = float(total)

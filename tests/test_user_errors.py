@@ -47,7 +47,8 @@ def test_dry_run_stops_a_config_that_cannot_train_with_one_line(demo_data, tmp_p
         "no_shards": ([f"data.train_shards={tmp_path}/shards/train-{{000..009}}.tar"], 3,
                       f"data.train_shards: shard pattern '{tmp_path}/shards/train-{{000..009}}.tar' matches no file"),
         "no_lpips_weights": (["loss.perceptual_weight=1.0", f"loss.perceptual_weights={tmp_path}/vgg.pth"], 4,
-                             f"pretrained weights file not found: {tmp_path}/vgg.pth (setting: loss.perceptual_weights)"),
+                             f"pretrained weights file not found: {tmp_path}/vgg.pth "
+                             f"(setting: loss.perceptual_weights)"),
         "unwritable_out_dir": ([], 5, f"train.out_dir={out} cannot be created: {tmp_path}/a_file is not a writable "
                                       f"folder"),
     }[case]

@@ -299,7 +299,8 @@ class Trainer:
     def fit(self, resume: str | None = None, overwrite: bool = False) -> None:
         # lock the run folder, check --resume/--overwrite and the config against the checkpoint, tidy
         self.run_dir = RunDir(self.cfg, self.checkpointer)
-        found = self.run_dir.open(resume, overwrite, {"generator": self.generator, "discriminator": self.discriminator})
+        found = self.run_dir.open(resume, overwrite, {"generator": self.generator,
+                                                      "discriminator": self.discriminator})
         self._setup(resuming=found is not None)
         if found is not None:
             self._restore(found)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from dist_utils import free_port, run_distributed
-from test_trainer import ROOT, fit_worker, tiny_overrides
-from test_untrusted_files import clean_env
+from launch_utils import ROOT, clean_env
+from test_trainer import fit_worker, tiny_overrides
 
 from simvq_scale.train.checkpoint import TRAINER_STATE, tag_for
 

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from launch_utils import plant
 from test_trainer import fit_worker, make_trainer, tiny_overrides
-from test_untrusted_files import CreatesMarker
 
 from simvq_scale.train.checkpoint import TRAINER_STATE, load_deepspeed_file, tag_for
 from simvq_scale.weights_only import UnsafeFileError
@@ -98,9 +98,7 @@ def test_a_crafted_file_is_refused_before_the_conversion_unpickles_it(demo_data,
     run, marker = tmp_path / "run", tmp_path / "marker"
     shutil.copytree(two_rank_run, run)
     crafted = run / "ckpt" / "generator" / tag_for(2) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    content = torch.load(crafted, weights_only=False)  # our own file
-    content["payload"] = CreatesMarker(marker)
-    torch.save(content, crafted)
+    plant(crafted, marker)
     with pytest.raises(RuntimeError, match=UnsafeFileError.__name__):
         run_distributed(fit_worker, 1, [(tiny_overrides(demo_data, run, *COMMON, "train.steps=4"), "auto")],
                         timeout_s=600)

@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
+from launch_utils import one_error, train
 from test_trainer import tiny_overrides
-from test_untrusted_files import train
 
 from simvq_scale.train.checkpoint import Checkpointer, tag_for
 
@@ -39,13 +39,6 @@ def snapshot(folder):
 
 def metric_steps(folder):
     return [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def one_error(done, code):
-    assert done.returncode == code, (done.returncode, done.stderr[-3000:])
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    return errors[0]
 
 
 def test_a_second_run_into_a_locked_folder_is_refused(demo_data, run):

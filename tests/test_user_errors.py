@@ -3,17 +3,10 @@ their own (README, "Exit codes"); --dry-run finds them too, before anything is b
 
 import pytest
 
-from test_trainer import ROOT, tiny_overrides
-from test_untrusted_files import train
+from launch_utils import ROOT, one_error, train
+from test_trainer import tiny_overrides
 
 from simvq_scale.config import ConfigError, load_config
-
-
-def one_error(done, code):
-    assert done.returncode == code, (done.returncode, done.stderr[-3000:])
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    return errors[0]
 
 
 def test_a_yaml_syntax_error_names_file_line_and_column(tmp_path):

@@ -61,6 +61,11 @@ class Heartbeat:
         world_size = dist.get_world_size()
         if timeout_s <= 0 or world_size == 1:
             return None
+        if not {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():  # a group made without env:// rendezvous
+            if dist.get_rank() == 0:
+                print("heartbeat off: MASTER_ADDR/MASTER_PORT are not set, so the rendezvous store is unknown; "
+                      "a frozen rank is only caught by train.collective_timeout_s", flush=True)
+            return None
         # a name of this run's own, so that a store that outlives a restart (torchrun's agent) holds no old beats
         run_id = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(run_id, src=0)

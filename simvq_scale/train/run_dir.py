@@ -164,6 +164,7 @@ class RunDir:
         dist.broadcast_object_list(shared, src=0)
         kind, value = shared[0]
         if kind == "error":
+            self.close()  # a refused run holds the folder no longer (a retry in this process may take it)
             value.same_on_every_rank = True  # launch/train.py prints it once
             raise value
         self.checkpointer.resume_from = value

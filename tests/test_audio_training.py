@@ -55,8 +55,9 @@ def test_demo_run_writes_every_audio_tag(demo_data, tmp_path):
     assert all(math.isfinite(r["loss/mel"]) and r["loss/d"] > 0 and r["loss/feature_matching"] > 0 for r in rows)
 
 
-def test_dry_run_prints_the_bitrate(tmp_path):
-    done = subprocess.run(TRAIN + ["--set", f"train.out_dir={tmp_path}", "quantizer.codebook_size=4096",
+def test_dry_run_prints_the_bitrate(demo_data, tmp_path):
+    # --dry-run checks that the shards exist, so it gets the demo's
+    done = subprocess.run(TRAIN + ["--set", *overrides(demo_data, tmp_path), "quantizer.codebook_size=4096",
                                    "data.segment_seconds=1.0", "--dry-run"],
                           capture_output=True, text=True, env=clean_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

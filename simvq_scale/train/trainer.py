@@ -35,8 +35,8 @@ from simvq_scale.models.discriminators import build_discriminator
 from simvq_scale.quant.factory import build_quantizer
 from simvq_scale.quant.stats import CodebookUsage, weight_spectrum
 from simvq_scale.train.checkpoint import Checkpointer
-from simvq_scale.train.run_dir import RunDir
 from simvq_scale.train.logging import NoOpLogger, RunLogger, format_eta
+from simvq_scale.train.run_dir import RunDir
 
 EXPORT_NAME = "generator_ema.pt"
 

@@ -71,7 +71,6 @@ def test_a_rank_that_stops_on_its_own_error_stops_the_other():
         assert outcome is not None, "rank 0 waited in its collective for the failed rank"
         code, stderr = outcome
         assert code == 7 and "rank 1 (" in stderr and "stopped: ShardPatternError: data.train_shards" in stderr
-        assert end(ranks[1], timeout=30)[0] == 3
     finally:
         kill_all(ranks)
 
@@ -107,6 +106,9 @@ def child(rank: int, port: str, mode: str, *args: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
     if mode == "fail" and rank == 1:
         heartbeat.fail("ShardPatternError: data.train_shards: shard pattern 'x' matches no file")
+        # stay alive: an exiting process would also end rank 0's collective with a connection error, and
+        # the stop key is what reaches ranks that share no connection with this one
+        time.sleep(COLLECTIVE_S / 4)
         sys.exit(3)
     if mode == "finish":
         time.sleep(0 if rank == 1 else 4 * HEARTBEAT_S)

@@ -280,6 +280,13 @@ class TrainConfig:
     nan_policy: str = "skip"  # skip | stop
     compile: str = "auto"  # torch.compile the encoder, decoder and discriminator: auto (on CUDA) | true | false
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
+    # How long a collective waits for the slowest rank before torch.distributed aborts the run. It must
+    # cover the longest time one rank works alone while the others wait (rank 0 writing the export, a
+    # slow first data read, a checkpoint on a slow file system); a frozen rank is caught by the heartbeat.
+    collective_timeout_s: float = 1800.0
+    # A rank whose heartbeat (a thread reporting its step through the rendezvous store) stays silent this
+    # long is named by the others, which then stop with exit code 7; 0 switches the heartbeat off.
+    heartbeat_timeout_s: float = 120.0
 
 
 @dataclass
@@ -313,6 +320,10 @@ class Config:
                f"train.log_every={t.log_every}, ckpt_every={t.ckpt_every} and images_every={t.images_every} "
                "must be > 0")
         _check(0.0 < t.rank_rtol < 1.0, f"train.rank_rtol={t.rank_rtol} must be in (0, 1)")
+        _check(t.collective_timeout_s > 0, f"train.collective_timeout_s={t.collective_timeout_s} must be > 0")
+        _check(0 <= t.heartbeat_timeout_s < t.collective_timeout_s,
+               f"train.heartbeat_timeout_s={t.heartbeat_timeout_s} must be >= 0 (0 = off) and below "
+               f"train.collective_timeout_s={t.collective_timeout_s}, or a frozen rank is only caught by the latter")
         shard_group_size(q.shard.group, world_size)
         micro_batch_and_accumulation(t.global_batch, t.micro_batch, world_size)
         return self
@@ -365,12 +376,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             text = Path(path).read_text()
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        raw = yaml.safe_load(text) or {}
+        raw = _parse_yaml(text, source) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
     for item in overrides or []:
         _apply_override(raw, item)
     return from_dict(Config, raw, source)
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        opened = getattr(e, "context_mark", None)
+        context = f" ({e.context} at line {opened.line + 1})" if opened is not None and e.context else ""
+        raise ConfigError(f"{where}: YAML syntax error: {problem}{context}; fix the file there") from None
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -383,7 +406,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(value)
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({problem}); put a string that starts "
+                          f"with {{ [ or contains ': ' in YAML quotes inside the shell's") from None
 
 
 def from_dict(cls: type, raw: dict[str, Any], source: str = "<dict>", prefix: str = "") -> Any:
@@ -432,6 +460,8 @@ def _coerce(tp: Any, value: Any, source: str, dotted: str) -> Any:
         return str(value).lower()  # YAML 1.1 reads on/off/yes/no as booleans: train.compile: on -> "true"
     if tp is str and isinstance(value, (int, float)):
         return str(value)  # e.g. shard.group: 8
+    if tp is str and value is None:
+        return ""  # `key:` in YAML or `--set key=` leaves a string setting empty
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{source}: {dotted}={value!r} should be {tp.__name__}, got {type(value).__name__}")
     return value

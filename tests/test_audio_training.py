@@ -57,6 +57,7 @@ def test_demo_run_writes_every_audio_tag(demo_data, tmp_path):
 
 
 def test_dry_run_prints_the_bitrate(demo_data, tmp_path):
+    # --dry-run checks that the shards exist, so it gets the demo's
     done = subprocess.run(TRAIN + ["--set", *overrides(demo_data, tmp_path), "quantizer.codebook_size=4096",
                                    "data.segment_seconds=1.0", "--dry-run"],
                           capture_output=True, text=True, env=clean_env(), timeout=300)

@@ -125,3 +125,33 @@ def weight_spectrum(weight: torch.Tensor, rank_rtol: float = 1e-2) -> dict:
         "frobenius_norm": float(torch.linalg.matrix_norm(w)),
         "effective_rank": float(torch.exp(-torch.special.xlogy(p, p).sum())),
     }
+
+
+def _steps_of(state: dict) -> list[torch.Tensor]:
+    """The indices of each step of a usage state, oldest first."""
+    return list(torch.split(state["indices"], state["step_lengths"].tolist()))
+
+
+def _state_of(template: dict, steps: list[torch.Tensor]) -> dict:
+    return {"codebook_size": template["codebook_size"], "window_tokens": template["window_tokens"],
+            "step_lengths": torch.tensor([idx.numel() for idx in steps], dtype=torch.long),
+            "indices": torch.cat(steps) if steps else torch.zeros(0, dtype=torch.long)}
+
+
+def merge_usage_states(states: list[dict]) -> dict:
+    """One usage state holding several ranks' windows (a resume on fewer ranks): the k-th most recent
+    steps of all of them become one step, so the summed counts and the order in time are kept."""
+    per_rank = [_steps_of(s) for s in states]
+    depth = max(len(steps) for steps in per_rank)
+    merged = [torch.cat([steps[len(steps) - back] for steps in per_rank if len(steps) >= back])
+              for back in range(depth, 0, -1)]  # oldest first, aligned at the most recent step
+    return _state_of(states[0], merged)
+
+
+def split_usage_state(state: dict, part: int, parts: int) -> dict:
+    """Part `part` of `parts` of a usage state (a resume on more ranks): every step's indices cut into
+    nearly equal contiguous pieces, so the parts' counts sum to the whole's."""
+    def piece(total: int) -> slice:
+        return slice(total * part // parts, total * (part + 1) // parts)
+
+    return _state_of(state, [idx[piece(idx.numel())] for idx in _steps_of(state)])

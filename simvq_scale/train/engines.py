@@ -61,8 +61,9 @@ def param_groups(model: nn.Module, lr: float, quantizer_lr_scale: float) -> list
 
 
 def build_engine(model: nn.Module, cfg: Config, lr: float, zero_stage: int, micro_batch: int, accumulation: int,
-                 bf16: bool):
-    """A DeepSpeed engine around `model` with a client AdamW and the run's LR schedule."""
+                 bf16: bool, extra_config: dict | None = None):
+    """A DeepSpeed engine around `model` with a client AdamW and the run's LR schedule; `extra_config` adds
+    DeepSpeed settings (e.g. loading a universal checkpoint)."""
     import deepspeed
 
     o = cfg.optim
@@ -70,7 +71,8 @@ def build_engine(model: nn.Module, cfg: Config, lr: float, zero_stage: int, micr
                                   weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, micro_batch, accumulation, zero_stage, bf16))
+                                           config=deepspeed_config(cfg, micro_batch, accumulation, zero_stage, bf16)
+                                           | (extra_config or {}))
     return engine
 
 

@@ -36,6 +36,7 @@ from simvq_scale.train.engines import build_engine, compile_networks
 from simvq_scale.train.logging import ConsoleLogger, NoOpLogger, RunLogger, Stopwatch
 from simvq_scale.train.metrics import Metrics
 from simvq_scale.train.nonfinite import NonFiniteGuard
+from simvq_scale.train.run_dir import RunDir, resolve_resume
 from simvq_scale.train.state import TrainState
 
 
@@ -44,8 +45,12 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, device: torch.device, resume: str | None = None):
-        """Build everything for `cfg` on `device`; with `resume` ("auto" or a path) restore that checkpoint."""
+    def __init__(self, cfg: Config, device: torch.device, resume: str | None = None, overwrite: bool = False,
+                 open_run_dir: bool = True):
+        """Build everything for `cfg` on `device`; with `resume` ("auto" or a path) restore that checkpoint.
+
+        `open_run_dir` locks and checks train.out_dir first (run_dir.py: one run at a time, nothing
+        overwritten without `overwrite`, a resume that fits its checkpoint); --dry-run only looks."""
         self.cfg, self.device = cfg, device
         self.log: NoOpLogger = ConsoleLogger() if distributed.is_main() else NoOpLogger()
         watch = Stopwatch()
@@ -55,7 +60,6 @@ class Trainer:
             cfg.train.global_batch, cfg.train.micro_batch, self.world)
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
         self.checkpointer = Checkpointer(Path(cfg.train.out_dir), cfg.train.keep_last)
-        found = self.checkpointer.resolve(resume)  # None: start fresh (a PATH with no checkpoint raises)
 
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
@@ -67,6 +71,12 @@ class Trainer:
         self.sample_shape = self.modality.sample_shape(cfg.data)
         self.tokens_per_sample, self.flops_per_sample = flops.count_per_sample(
             self.generator, self.discriminator, self.sample_shape)
+        networks = {"generator": self.generator, "discriminator": self.discriminator}
+        self.run_dir = RunDir(cfg, self.checkpointer) if open_run_dir else None
+        if self.run_dir is not None:
+            found = self.run_dir.open(resume, overwrite, networks)  # collective; None: start fresh
+        else:
+            found = self.checkpointer.resume_from = resolve_resume(resume, self.checkpointer.root)
         self.log.console(f"built the models: generator {count_parameters(self.generator):,} and discriminator "
                          f"{count_parameters(self.discriminator):,} parameters, {self.quantizer.codebook_size:,} "
                          f"codes ({watch.lap():.1f} s)")
@@ -85,10 +95,12 @@ class Trainer:
                                      cfg.train.compile_mode)
             self.log.console(f"compiling {', '.join(names)} (mode {cfg.train.compile_mode}): the first steps "
                              "take longer while the compiler works")
+        # a resume at another world size loads DeepSpeed's universal checkpoint (checkpointer.deepspeed_config)
         self.engine_g = build_engine(self.generator, cfg, cfg.optim.lr, cfg.optim.zero_stage_g, self.micro_batch,
-                                     self.accumulation, self.bf16)
+                                     self.accumulation, self.bf16, self.checkpointer.deepspeed_config(cfg.optim.zero_stage_g))
         self.engine_d = build_engine(self.discriminator, cfg, cfg.optim.disc_lr or cfg.optim.lr,
-                                     cfg.optim.zero_stage_d, self.micro_batch, self.accumulation, self.bf16)
+                                     cfg.optim.zero_stage_d, self.micro_batch, self.accumulation, self.bf16,
+                                     self.checkpointer.deepspeed_config(cfg.optim.zero_stage_d))
         self.guard = NonFiniteGuard([self.generator, self.discriminator], device, cfg.train.nan_policy)
         self.metrics = Metrics(cfg, self.modality, self.log, device, self.quantizer.codebook_size,
                                self.tokens_per_sample, self.flops_per_sample, flops.peak_flops(device))
@@ -229,6 +241,8 @@ class Trainer:
                 self.save()
         self.log.console(f"done: step {self.state.step}, run folder {cfg.train.out_dir}")
         self.log.close()
+        if self.run_dir is not None:
+            self.run_dir.close()
 
     def _log(self, step: int) -> None:
         """The log step: every rank reduces (one collective), rank 0 writes."""
@@ -255,17 +269,17 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def _client_state(self) -> dict:
-        return {"train_state": self.state.state_dict(), "world_size": self.world, "config": to_dict(self.cfg)}
+        # flat (step, samples_seen, ema at the top): the layout checkpoints have had from the start
+        return {**self.state.state_dict(), "world_size": self.world, "config": to_dict(self.cfg)}
 
     def _restore(self, root: Path, tag: str) -> None:
-        client, rank_state = Checkpointer.load(root, tag, self.engine_g, self.engine_d)
-        self.state.load_state_dict(client["train_state"])
-        if rank_state is not None:
+        client, rank_state = self.checkpointer.load(root, tag, self.engine_g, self.engine_d)
+        self.state.load_state_dict(client)
+        if rank_state is not None:  # re-split by the checkpointer when the world size changed
             self.state.load_rank_state_dict(rank_state)
-            if self.state.data:  # a checkpoint without a loader position starts the stream from its beginning
+            if self.state.data:  # no position (another world size, an older checkpoint): the next pass
                 self.loader.load_state_dict(self.state.data)
-            if client["world_size"] == self.world:
-                self.metrics.usage.load_state_dict(rank_state["usage"])
+            self.metrics.usage.load_state_dict(rank_state["usage"])
         self.log.console(f"resumed from {root}/*/{tag} at step {self.state.step} "
                          f"({self.state.samples_seen} samples seen)")
 

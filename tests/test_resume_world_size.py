@@ -1,0 +1,105 @@
+"""A run trained on 2 gloo ranks resumes on 1 and on 3 (DeepSpeed's universal checkpoint, made and removed by the
+checkpointer): weights, Adam moments and the usage window carry over whole, and training continues with the
+same step count. Global batch 6 divides by 1, 2 and 3."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_distributed
+from launch_utils import plant
+from test_trainer import fit_worker, make_trainer, tiny_overrides
+
+from simvq_scale.train.checkpoint import TRAINER_STATE, load_deepspeed_file, tag_for
+from simvq_scale.weights_only import UnsafeFileError
+
+COMMON = ["train.global_batch=6", "train.ckpt_every=2", "train.log_every=1"]
+CODEBOOK_SIZE = 256  # test_trainer.TINY
+
+
+def state_vector(state_dict):
+    return torch.cat([t.reshape(-1).float() for t in state_dict.values()])
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("world_size") / "run"
+    run_distributed(fit_worker, 2, [(tiny_overrides(demo_data, out, *COMMON, "train.steps=2"), None)], timeout_s=600)
+    return out
+
+
+def saved_figures(run):
+    """What the 2-rank checkpoint holds, summed over its ranks: generator weights, Adam's second moments
+    of both engines, and the usage window (tokens, utilization)."""
+    tag = run / "ckpt" / "generator" / tag_for(2)
+    module = load_deepspeed_file(tag / "mp_rank_00_model_states.pt")["module"]
+    moments = {}
+    for engine in ("generator", "discriminator"):
+        files = sorted((run / "ckpt" / engine / tag_for(2)).glob("zero_pp_rank_*_optim_states.pt"))
+        assert len(files) == 2
+        moments[engine] = sum(float(load_deepspeed_file(f)["optimizer_state_dict"]["base_optimizer_state"]
+                                    ["state"][0]["exp_avg_sq"].double().sum()) for f in files)
+    counts = sum(torch.load(tag / f"rank_{r}.pt", weights_only=True)["usage"]["indices"].bincount(minlength=256)
+                 for r in range(2))
+    tokens = sum(int(torch.load(tag / f"rank_{r}.pt", weights_only=True)["usage"]["step_lengths"].sum())
+                 for r in range(2))
+    return {"weights": state_vector(module), "moments": moments,
+            "tokens": tokens, "utilization": float((counts > 0).sum()) / CODEBOOK_SIZE}
+
+
+def resume_worker(rank, world_size, restore_only, continue_to_4):
+    trainer = make_trainer(restore_only, "auto")  # train.steps=2: resumes at step 2 and trains no step
+    trainer.fit()
+    moments = {}
+    for name, engine in (("generator", trainer.engine_g), ("discriminator", trainer.engine_d)):
+        adam = engine.optimizer.optimizer  # the client AdamW inside DeepSpeed's ZeRO optimizer
+        total = torch.tensor([sum(float(s["exp_avg_sq"].double().sum()) for s in adam.state.values())],
+                             dtype=torch.float64)
+        dist.all_reduce(total)  # each rank holds its ZeRO partition of the moments
+        moments[name] = float(total)
+    usage = trainer.metrics.usage.reduce()
+    restored = {"step": trainer.state.step, "weights": state_vector(trainer.engine_g.module.state_dict()), "moments": moments,
+                "tokens": usage["window_tokens"], "utilization": usage["utilization"]}
+    make_trainer(continue_to_4, "auto").fit()
+    return restored
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_a_two_rank_run_resumes_on_another_world_size(demo_data, two_rank_run, tmp_path, world_size):
+    run = tmp_path / "run"
+    shutil.copytree(two_rank_run, run)
+    saved = saved_figures(run)
+    results = run_distributed(resume_worker, world_size, tiny_overrides(demo_data, run, *COMMON, "train.steps=2"),
+                              tiny_overrides(demo_data, run, *COMMON, "train.steps=4"), timeout_s=900)
+    for restored in results:
+        assert restored["step"] == 2
+        assert torch.equal(restored["weights"], saved["weights"])
+        assert restored["tokens"] == saved["tokens"] and restored["utilization"] == saved["utilization"]
+        for engine in ("generator", "discriminator"):
+            assert restored["moments"][engine] == pytest.approx(saved["moments"][engine], rel=1e-9)
+            assert saved["moments"][engine] > 0  # the optimizer has moved: carrying it over is not trivial
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert (run / "ckpt" / "latest").read_text() == tag_for(4)
+    state = json.loads((run / "ckpt" / "generator" / tag_for(4) / TRAINER_STATE).read_text())
+    assert state["world_size"] == world_size and state["step"] == 4
+    assert sorted(p.name for p in (run / "ckpt" / "generator" / tag_for(4)).glob("rank_*.pt")) == \
+        [f"rank_{r}.pt" for r in range(world_size)]
+    assert not (run / "ckpt" / "universal").exists()  # the converted copy is gone once loaded
+
+
+@pytest.mark.slow
+def test_a_crafted_file_is_refused_before_the_conversion_unpickles_it(demo_data, two_rank_run, tmp_path):
+    # DeepSpeed's converter reads every ZeRO file with the full unpickler, also the ones no rank loads itself
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    shutil.copytree(two_rank_run, run)
+    crafted = run / "ckpt" / "generator" / tag_for(2) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    plant(crafted, marker)
+    with pytest.raises(RuntimeError, match=UnsafeFileError.__name__):
+        run_distributed(fit_worker, 1, [(tiny_overrides(demo_data, run, *COMMON, "train.steps=4"), "auto")],
+                        timeout_s=600)
+    assert not marker.exists()

@@ -59,7 +59,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing, as laun
 
 from simvq_scale.config import QUANTIZER_KINDS, ConfigError, dotted_items, load_config, to_dict  # noqa: E402
 from simvq_scale.data import ShardPatternError, expand_shards  # noqa: E402
-from simvq_scale.eval.comparison import (METRIC_NOTES, PlottingUnavailable, RunRecord,  # noqa: E402
+from simvq_scale.eval.comparison import (PlottingUnavailable, RunRecord, comparison_note,  # noqa: E402
                                          last_logged, markdown_table, pyplot, read_eval, write_csv, write_plots)
 from simvq_scale.inference import EXPORT_NAME  # noqa: E402
 from simvq_scale.train.checkpoint import CHECKPOINT_DIR  # noqa: E402
@@ -466,7 +466,7 @@ def caption(args, shared: dict, records: list[RunRecord]) -> str:
             f"trained on `{lookup(shared, KEYS['train_shards'])}`; each EMA export evaluated by tools/eval_recon.py "
             f"on `{args.val_shards}` ({'/'.join(map(str, samples)) or 'no'} samples); "
             f"device: {'; '.join(devices) or 'not recorded'}. Utilization and perplexity count the codes chosen over "
-            f"the evaluation set; {METRIC_NOTES[lookup(shared, KEYS['modality'])]}. "
+            f"the evaluation set; {comparison_note(lookup(shared, KEYS['modality']))}. "
             "Made by tools/compare_quantizers.py.")
 
 

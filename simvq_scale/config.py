@@ -34,6 +34,8 @@ class ShardConfig:
 # name (vq has none); quant/registry.py refuses a builder for a kind that is not listed here.
 QUANTIZER_KINDS = ("simvq", "vq", "vq_ema", "fc", "fsq", "lfq", "lc")
 SEARCH_IMPLS = ("auto", "torch", "triton")  # auto: the fused kernel on CUDA (quant/nearest.py)
+SCHEDULES = ("constant", "cosine")  # of the learning rate after warm-up (train/engines.py)
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 @dataclass
@@ -45,9 +47,9 @@ class SimVQOptions:
     init_from_data: bool = False
 
     def check(self, q: "QuantizerConfig") -> None:
-        _check(not (self.train_codebook and q.shard.group != "none"),
-               f"quantizer.simvq.train_codebook=true with quantizer.shard.group={q.shard.group!r}: a sharded "
-               "codebook is frozen (regenerated from the seed); use shard.group=none")
+        require(not (self.train_codebook and q.shard.group != "none"),
+                f"quantizer.simvq.train_codebook=true with quantizer.shard.group={q.shard.group!r}: a sharded "
+                "codebook is frozen (regenerated from the seed); use shard.group=none")
 
 
 @dataclass
@@ -56,8 +58,8 @@ class VQEMAOptions:
     epsilon: float = 1e-5  # Laplace smoothing of the cluster sizes
 
     def check(self, q: "QuantizerConfig") -> None:
-        _check(0.0 < self.decay < 1.0, f"quantizer.vq_ema.decay={self.decay} must be in (0, 1)")
-        _check(self.epsilon > 0, f"quantizer.vq_ema.epsilon={self.epsilon} must be > 0")
+        require(0.0 < self.decay < 1.0, f"quantizer.vq_ema.decay={self.decay} must be in (0, 1)")
+        require(self.epsilon > 0, f"quantizer.vq_ema.epsilon={self.epsilon} must be > 0")
 
 
 @dataclass
@@ -65,7 +67,7 @@ class FCOptions:
     low_dim: int = 8  # the l2-normalised low-dimensional space the codes live and are searched in
 
     def check(self, q: "QuantizerConfig") -> None:
-        _check(self.low_dim > 0, f"quantizer.fc.low_dim={self.low_dim} must be > 0")
+        require(self.low_dim > 0, f"quantizer.fc.low_dim={self.low_dim} must be > 0")
 
 
 @dataclass
@@ -73,11 +75,11 @@ class FSQOptions:
     levels: list[int] = field(default_factory=lambda: [8, 8, 8, 5, 5, 5])  # product = codebook_size
 
     def check(self, q: "QuantizerConfig") -> None:
-        _check(bool(self.levels) and all(level >= 2 for level in self.levels),
-               f"quantizer.fsq.levels={self.levels} needs at least one level and every level >= 2")
+        require(bool(self.levels) and all(level >= 2 for level in self.levels),
+                f"quantizer.fsq.levels={self.levels} needs at least one level and every level >= 2")
         codes = math.prod(self.levels)
-        _check(codes == q.codebook_size, f"quantizer.fsq.levels={self.levels} make {codes} codes but "
-               f"quantizer.codebook_size={q.codebook_size}; make them agree")
+        require(codes == q.codebook_size, f"quantizer.fsq.levels={self.levels} make {codes} codes but "
+                f"quantizer.codebook_size={q.codebook_size}; make them agree")
 
 
 @dataclass
@@ -87,8 +89,8 @@ class LFQOptions:
 
     def check(self, q: "QuantizerConfig") -> None:
         k = q.codebook_size
-        _check(k >= 2 and k & (k - 1) == 0,
-               f"quantizer.codebook_size={k} must be a power of 2 (>= 2) for kind lfq (one sign bit per channel)")
+        require(k >= 2 and k & (k - 1) == 0,
+                f"quantizer.codebook_size={k} must be a power of 2 (>= 2) for kind lfq (one sign bit per channel)")
 
 
 @dataclass
@@ -97,9 +99,9 @@ class LCOptions:
     bias: bool = True  # bias of the projection, as SimVQ's
 
     def check(self, q: "QuantizerConfig") -> None:
-        _check(bool(self.features), "quantizer.lc.features is empty: kind lc needs a .npy file of code features")
-        _check(Path(self.features).is_file(),
-               f"quantizer.lc.features={self.features!r}: no such .npy file of LC code features")
+        require(bool(self.features), "quantizer.lc.features is empty: kind lc needs a .npy file of code features")
+        require(Path(self.features).is_file(),
+                f"quantizer.lc.features={self.features!r}: no such .npy file of LC code features")
         import numpy as np  # reads the header only (memory-mapped); keeps this module torch-free
 
         try:
@@ -107,9 +109,9 @@ class LCOptions:
         except (OSError, ValueError) as error:
             raise ConfigError(f"quantizer.lc.features={self.features!r} is not a readable .npy array: "
                               f"{error}") from None
-        _check(len(shape) == 2 and shape[0] == q.codebook_size,
-               f"quantizer.lc.features={self.features!r} holds an array of shape {shape}; expected "
-               f"({q.codebook_size}, feature_dim) for quantizer.codebook_size={q.codebook_size}")
+        require(len(shape) == 2 and shape[0] == q.codebook_size,
+                f"quantizer.lc.features={self.features!r} holds an array of shape {shape}; expected "
+                f"({q.codebook_size}, feature_dim) for quantizer.codebook_size={q.codebook_size}")
 
 
 @dataclass
@@ -152,18 +154,18 @@ class QuantizerConfig:
     def validate(self) -> "QuantizerConfig":
         """Every impossible quantizer value as a one-line ConfigError; returns self. Only the chosen kind's
         section is checked (the others are inert); the shard group's fit to the world size: Config.validate."""
-        _check(self.kind in QUANTIZER_KINDS, f"quantizer.kind={self.kind!r} is not one of {list(QUANTIZER_KINDS)}")
-        _check(self.codebook_size > 0, f"quantizer.codebook_size={self.codebook_size} must be > 0")
-        _check(self.dim > 0, f"quantizer.dim={self.dim} must be > 0")
-        _check(self.beta >= 0, f"quantizer.beta={self.beta} must be >= 0")
-        _check(self.search_chunk > 0, f"quantizer.search_chunk={self.search_chunk} must be > 0")
-        _check(self.search_impl in SEARCH_IMPLS,
-               f"quantizer.search_impl={self.search_impl!r} is not {'|'.join(SEARCH_IMPLS)}")
-        _check(self.usage_window_tokens > 0,
-               f"quantizer.usage_window_tokens={self.usage_window_tokens} must be > 0")
-        _check(self.shard.group == "none" or self.kind == "simvq",
-               f"quantizer.shard.group={self.shard.group!r} shards the frozen SimVQ codebook; "
-               f"quantizer.kind={self.kind!r} has none to shard (use shard.group=none)")
+        require(self.kind in QUANTIZER_KINDS, f"quantizer.kind={self.kind!r} is not one of {list(QUANTIZER_KINDS)}")
+        require(self.codebook_size > 0, f"quantizer.codebook_size={self.codebook_size} must be > 0")
+        require(self.dim > 0, f"quantizer.dim={self.dim} must be > 0")
+        require(self.beta >= 0, f"quantizer.beta={self.beta} must be >= 0")
+        require(self.search_chunk > 0, f"quantizer.search_chunk={self.search_chunk} must be > 0")
+        require(self.search_impl in SEARCH_IMPLS,
+                f"quantizer.search_impl={self.search_impl!r} is not {'|'.join(SEARCH_IMPLS)}")
+        require(self.usage_window_tokens > 0,
+                f"quantizer.usage_window_tokens={self.usage_window_tokens} must be > 0")
+        require(self.shard.group == "none" or self.kind == "simvq",
+                f"quantizer.shard.group={self.shard.group!r} shards the frozen SimVQ codebook; "
+                f"quantizer.kind={self.kind!r} has none to shard (use shard.group=none)")
         if self.options is not None:
             self.options.check(self)
         return self
@@ -171,7 +173,7 @@ class QuantizerConfig:
 
 @dataclass
 class DataConfig:
-    modality: str = "image"  # image | audio
+    modality: str = "image"  # a registered modality (simvq_scale.modality): image | audio
     train_shards: str = ""  # brace pattern of .tar shards, e.g. "data/imagenet-train-{000000..001023}.tar"
     val_shards: str = ""
     image_size: int = 128
@@ -303,33 +305,49 @@ class Config:
         q, t = self.quantizer.validate(), self.train
         from simvq_scale.modality import get_modality  # the registry of modalities (lazy: it imports this module)
 
-        get_modality(self.data.modality)
-        o = self.optim
-        _check(o.lr > 0 and o.quantizer_lr_scale > 0, f"optim.lr={o.lr} and optim.quantizer_lr_scale="
-               f"{o.quantizer_lr_scale} must be > 0")
-        _check(o.grad_clip >= 0 and o.warmup_steps >= 0,
-               f"optim.grad_clip={o.grad_clip} and optim.warmup_steps={o.warmup_steps} must be >= 0")
-        _check(t.global_batch > 0, f"train.global_batch={t.global_batch} must be > 0")
-        _check(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
-        _check(t.precision in ("auto", "bf16", "fp32"), f"train.precision={t.precision!r} is not auto|bf16|fp32")
-        _check(t.nan_policy in ("skip", "stop"), f"train.nan_policy={t.nan_policy!r} is not skip|stop")
-        _check(t.compile in ("auto", "true", "false"), f"train.compile={t.compile!r} is not auto|true|false")
-        _check(t.compile_mode in ("default", "reduce-overhead", "max-autotune"),
-               f"train.compile_mode={t.compile_mode!r} is not default|reduce-overhead|max-autotune")
-        _check(t.log_every > 0 and t.ckpt_every > 0 and t.images_every > 0,
-               f"train.log_every={t.log_every}, ckpt_every={t.ckpt_every} and images_every={t.images_every} "
-               "must be > 0")
-        _check(0.0 < t.rank_rtol < 1.0, f"train.rank_rtol={t.rank_rtol} must be in (0, 1)")
-        _check(t.collective_timeout_s > 0, f"train.collective_timeout_s={t.collective_timeout_s} must be > 0")
-        _check(0 <= t.heartbeat_timeout_s < t.collective_timeout_s,
-               f"train.heartbeat_timeout_s={t.heartbeat_timeout_s} must be >= 0 (0 = off) and below "
-               f"train.collective_timeout_s={t.collective_timeout_s}, or a frozen rank is only caught by the latter")
+        get_modality(self.data.modality).check_config(self)  # its model, data and loss keys
+        d, o, loss = self.data, self.optim, self.loss
+        require(d.workers >= 0 and d.shuffle_buffer >= 0,
+                f"data.workers={d.workers} and data.shuffle_buffer={d.shuffle_buffer} must be >= 0")
+        require(0.0 <= self.model.ema_decay <= 1.0, f"model.ema_decay={self.model.ema_decay} must be in [0, 1]")
+        require(min(loss.commit_weight, loss.adv_weight) >= 0 and loss.disc_start >= 0,
+                f"loss.commit_weight={loss.commit_weight}, loss.adv_weight={loss.adv_weight} and "
+                f"loss.disc_start={loss.disc_start} must be >= 0")
+        require(o.lr > 0 and o.quantizer_lr_scale > 0, f"optim.lr={o.lr} and optim.quantizer_lr_scale="
+                f"{o.quantizer_lr_scale} must be > 0")
+        require(o.grad_clip >= 0 and o.warmup_steps >= 0,
+                f"optim.grad_clip={o.grad_clip} and optim.warmup_steps={o.warmup_steps} must be >= 0")
+        require(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas),
+                f"optim.betas={o.betas} must be two values in [0, 1) (AdamW's beta1, beta2)")
+        require(o.weight_decay >= 0 and o.disc_lr >= 0,
+                f"optim.weight_decay={o.weight_decay} and optim.disc_lr={o.disc_lr} (0 = optim.lr) must be >= 0")
+        require(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r} is not {'|'.join(SCHEDULES)}")
+        require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+        require(o.zero_stage_g in ZERO_STAGES and o.zero_stage_d in ZERO_STAGES,
+                f"optim.zero_stage_g={o.zero_stage_g} and optim.zero_stage_d={o.zero_stage_d} must be DeepSpeed ZeRO "
+                f"stages {'|'.join(map(str, ZERO_STAGES))}")
+        require(t.keep_last >= 1, f"train.keep_last={t.keep_last} must be >= 1")
+        require(t.global_batch > 0, f"train.global_batch={t.global_batch} must be > 0")
+        require(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
+        require(t.precision in ("auto", "bf16", "fp32"), f"train.precision={t.precision!r} is not auto|bf16|fp32")
+        require(t.nan_policy in ("skip", "stop"), f"train.nan_policy={t.nan_policy!r} is not skip|stop")
+        require(t.compile in ("auto", "true", "false"), f"train.compile={t.compile!r} is not auto|true|false")
+        require(t.compile_mode in ("default", "reduce-overhead", "max-autotune"),
+                f"train.compile_mode={t.compile_mode!r} is not default|reduce-overhead|max-autotune")
+        require(t.log_every > 0 and t.ckpt_every > 0 and t.images_every > 0,
+                f"train.log_every={t.log_every}, ckpt_every={t.ckpt_every} and images_every={t.images_every} "
+                "must be > 0")
+        require(0.0 < t.rank_rtol < 1.0, f"train.rank_rtol={t.rank_rtol} must be in (0, 1)")
+        require(t.collective_timeout_s > 0, f"train.collective_timeout_s={t.collective_timeout_s} must be > 0")
+        require(0 <= t.heartbeat_timeout_s < t.collective_timeout_s,
+                f"train.heartbeat_timeout_s={t.heartbeat_timeout_s} must be >= 0 (0 = off) and below "
+                f"train.collective_timeout_s={t.collective_timeout_s}, or a frozen rank is only caught by the latter")
         shard_group_size(q.shard.group, world_size)
         micro_batch_and_accumulation(t.global_batch, t.micro_batch, world_size)
         return self
 
 
-def _check(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
 
@@ -346,20 +364,20 @@ def shard_group_size(group: str, world_size: int, local_world_size: int | None =
         size = int(group)
     except ValueError:
         raise ConfigError(f"quantizer.shard.group={group!r} is not none|world|node|<integer>") from None
-    _check(size > 0 and world_size % size == 0,
-           f"quantizer.shard.group={size} must be a positive divisor of the world size {world_size}")
+    require(size > 0 and world_size % size == 0,
+            f"quantizer.shard.group={size} must be a positive divisor of the world size {world_size}")
     return size
 
 
 def micro_batch_and_accumulation(global_batch: int, micro_batch: int, world_size: int) -> tuple[int, int]:
     """(per-rank micro-batch, gradient-accumulation steps) that make up `global_batch`."""
-    _check(global_batch % world_size == 0,
-           f"train.global_batch={global_batch} does not divide by the world size {world_size}")
+    require(global_batch % world_size == 0,
+            f"train.global_batch={global_batch} does not divide by the world size {world_size}")
     per_rank = global_batch // world_size
     micro = micro_batch or per_rank
-    _check(micro > 0 and per_rank % micro == 0,
-           f"train.micro_batch={micro_batch} does not divide the per-rank batch {per_rank} "
-           f"(global_batch {global_batch} / world size {world_size})")
+    require(micro > 0 and per_rank % micro == 0,
+            f"train.micro_batch={micro_batch} does not divide the per-rank batch {per_rank} "
+            f"(global_batch {global_batch} / world size {world_size})")
     return micro, per_rank // micro
 
 
@@ -469,6 +487,17 @@ def _coerce(tp: Any, value: Any, source: str, dotted: str) -> Any:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def dotted_items(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {dotted key: value} ("quantizer.shard.group": ...); lists stay values."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(dotted_items(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

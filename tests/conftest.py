@@ -1,16 +1,14 @@
 """Shared test set-up: CPU DeepSpeed without its shared-memory op build, and data paths."""
 
-import importlib
-import os
 from pathlib import Path
 
 import pytest
+import torch
 
-import torch  # noqa: E402
+from simvq_scale.distributed import prepare_cpu_deepspeed
 
 if not torch.cuda.is_available():  # CPU machines: DeepSpeed on gloo, without its shm-op build
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    prepare_cpu_deepspeed()
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

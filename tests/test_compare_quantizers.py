@@ -146,14 +146,21 @@ def test_missing_matplotlib_is_reported_before_training(tool, demo_data, tmp_pat
 
 def test_a_failed_run_is_named_in_the_table_and_the_exit_status(tool, demo_data, tmp_path, capsys):
     out = tmp_path / "cmp"
+    # an impossible model is refused while planning, before anything runs
     rc = tool.main(["--config", IMAGE_CONFIG, "--out", str(out), "--variant", "narrow:model.image.channels=16",
                     "--steps", "1", "--no-plots", "--set", *shard_sets(demo_data), *TINY])
+    assert rc == 2 and "model.image.channels=16" in capsys.readouterr().err and not out.exists()
+    # a run that fails once started (its LPIPS weights file is missing: the trainer's preflight stops it)
+    missing = tmp_path / "nowhere" / "lpips_vgg16_features.pth"
+    rc = tool.main(["--config", IMAGE_CONFIG, "--out", str(out), "--variant",
+                    f"lpips:loss.perceptual_weight=1 loss.perceptual_weights={missing}",
+                    "--steps", "1", "--no-plots", "--set", *shard_sets(demo_data), *TINY])
     captured = capsys.readouterr()
-    log = out / "narrow" / "train.log"
-    assert rc == 1 and "1 run(s) failed: narrow" in captured.err
-    assert "GroupNorm" in log.read_text() and "GroupNorm" in captured.out  # the log's end shown on the console
-    row = next(line for line in (out / "table.md").read_text().splitlines() if line.startswith("| narrow |"))
-    assert f"failed: training exited with status 1; see {log}" in row and "| - |" in row
+    log = out / "lpips" / "train.log"
+    assert rc == 1 and "1 run(s) failed: lpips" in captured.err
+    assert str(missing) in log.read_text() and str(missing) in captured.out  # the log's end shown on the console
+    row = next(line for line in (out / "table.md").read_text().splitlines() if line.startswith("| lpips |"))
+    assert f"failed: training exited with status 4; see {log}" in row and "| - |" in row
 
 
 def _metrics_line(step: int, t: float, util: float) -> str:

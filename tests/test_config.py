@@ -148,3 +148,53 @@ def test_only_the_chosen_kinds_section_is_checked():
     cfg = load_config(overrides=["quantizer.kind=simvq", "quantizer.fsq.levels=[4,4]", "quantizer.lfq.entropy_weight=-1",
                                  "quantizer.codebook_size=1000"])
     cfg.validate()
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["model.image.channels=48"], "model.image.channels=48 * channel_mult=[1, 2, 2, 4] makes widths [48, 96, 192]; "
+                                  "GroupNorm needs multiples of 32"),
+    (["model.image.channel_mult=[]"], "model.image.channel_mult=[] must be a non-empty list of positive integers"),
+    (["data.image_size=100"], "data.image_size=100 must be a positive multiple of 8, the encoder's downsampling"),
+    (["model.discriminator.channels=40"], "model.discriminator.channels=40 makes normalised widths [80, 160, 320]"),
+    (["data.image_size=16", "model.image.channel_mult=[1]"],
+     "model.discriminator.layers=3 halves data.image_size=16 to 2 pixels"),
+    (["loss.perceptual_weight=-1"], "loss.perceptual_weight=-1.0 must be >= 0"),
+    (["data.modality=audio", "model.audio.hop=256"],
+     "model.audio.hop=256 must equal the product of model.audio.strides=[8, 5, 4, 2] (320)"),
+    (["data.modality=audio", "model.audio.strides=[8, 0]"], "model.audio.strides=[8, 0] must be a non-empty list"),
+    (["data.modality=audio", "model.audio.n_fft=1281"], "model.audio.n_fft=1281 and hop=320: the iSTFT head needs"),
+    (["data.modality=audio", "model.audio.decoder_dim=100"],
+     "model.audio.decoder_dim=100 with model.audio.prenet=true: the pre-net's GroupNorm needs a multiple of 32"),
+    (["data.modality=audio", "model.audio.mrd_resolutions=[[1024, 256]]"],
+     "model.audio.mrd_resolutions entry [1024, 256] must be [n_fft, hop, win]"),
+    (["data.modality=audio", "model.audio.mrd_resolutions=[[512, 128, 1024]]"], "and win <= n_fft"),
+    (["data.modality=audio", "model.audio.mpd_periods=[]"], "model.audio.mpd_periods=[] must be a non-empty list"),
+    (["data.modality=audio", "loss.mel_n_mels=0"], "mel_n_mels=0 must be > 0"),
+    (["data.modality=audio", "data.segment_seconds=0.02"],
+     "data.segment_seconds=0.02 at data.sample_rate=24000 is 480 samples; the STFTs of model.audio.mrd_resolutions "
+     "and loss.mel_n_fft need more than 1024"),
+    (["data.modality=audio", "data.sample_rate=0"], "data.sample_rate=0 and data.segment_seconds=1.0 must be > 0"),
+    (["data.workers=-1"], "data.workers=-1 and data.shuffle_buffer=2000 must be >= 0"),
+    (["model.ema_decay=1.5"], "model.ema_decay=1.5 must be in [0, 1]"),
+    (["loss.adv_weight=-0.1"], "loss.adv_weight=-0.1 and loss.disc_start=0 must be >= 0"),
+    (["optim.betas=[0.9]"], "optim.betas=[0.9] must be two values in [0, 1)"),
+    (["optim.betas=[0.9, 1.0]"], "optim.betas=[0.9, 1.0] must be two values in [0, 1)"),
+    (["optim.weight_decay=-0.01"], "optim.weight_decay=-0.01 and optim.disc_lr=0.0 (0 = optim.lr) must be >= 0"),
+    (["optim.schedule=linear"], "optim.schedule='linear' is not constant|cosine"),
+    (["optim.min_lr_ratio=2"], "optim.min_lr_ratio=2.0 must be in [0, 1]"),
+    (["optim.zero_stage_d=4"], "optim.zero_stage_g=2 and optim.zero_stage_d=4 must be DeepSpeed ZeRO stages 0|1|2|3"),
+    (["train.keep_last=0"], "train.keep_last=0 must be >= 1"),
+])
+def test_impossible_model_data_loss_and_optim_values_fail_at_validate_in_one_line(overrides, needle):
+    cfg = load_config(overrides=overrides)  # loading alone accepts them: the types are right
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_only_the_chosen_modalitys_sections_are_checked():
+    # the image configs carry the default audio section and the audio configs the PatchGAN's: they are inert
+    load_config(overrides=["model.audio.hop=256", "model.audio.decoder_dim=100"]).validate()
+    load_config(overrides=["data.modality=audio", "model.image.channels=48", "model.discriminator.channels=40",
+                           "data.image_size=100"]).validate()
+

@@ -18,8 +18,11 @@ from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from simvq_scale.eval import audio as A
-from simvq_scale.eval.image import MAX_PSNR_DB, SSIM_CONVENTIONS, psnr_per_image, ssim_per_image
-from simvq_scale.eval.runner import METRIC_NOTES, ImageEvaluator, MetricNetworks, markdown_table
+from simvq_scale.config import DataConfig
+from simvq_scale.eval.audio import AudioEvaluator
+from simvq_scale.eval.evaluator import MetricNetworks
+from simvq_scale.eval.image import MAX_PSNR_DB, SSIM_CONVENTIONS, ImageEvaluator, psnr_per_image, ssim_per_image
+from simvq_scale.eval.runner import markdown_table, metric_notes
 from simvq_scale.losses.audio import LogMelSpectrogram
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +86,7 @@ def test_paper_ssim_is_the_reference_code_and_torchmetrics_ssim_is_the_gaussian_
 def test_the_report_names_the_ssim_convention_it_used(photos_and_reconstructions, convention):
     x, x_hat = photos_and_reconstructions
     evaluator = ImageEvaluator(torch.device("cpu"), MetricNetworks(skip=NO_IMAGE_NETWORKS.skip,
-                                                                   ssim_convention=convention))
+                                                                   ssim_convention=convention), DataConfig())
     evaluator.update(x[:5], x_hat[:5])
     evaluator.update(x[5:], x_hat[5:])
     figures = evaluator.compute()
@@ -143,9 +146,11 @@ import json, sys
 import torch
 for name in {packages}:
     sys.modules[name] = None  # `import name` now raises ImportError, as when the package is not installed
+from simvq_scale.config import DataConfig
 from simvq_scale.eval import audio as A
-from simvq_scale.eval.runner import AudioEvaluator, MetricNetworks
-evaluator = AudioEvaluator(torch.device("cpu"), MetricNetworks(), 24000)
+from simvq_scale.eval.audio import AudioEvaluator
+from simvq_scale.eval.evaluator import MetricNetworks
+evaluator = AudioEvaluator(torch.device("cpu"), MetricNetworks(), DataConfig(modality="audio", sample_rate=24000))
 t = torch.arange(24000) / 24000
 x = 0.3 * torch.sin(2 * torch.pi * 150 * t)[None].repeat(2, 1)
 evaluator.update(x, 0.9 * x)
@@ -179,12 +184,12 @@ def test_the_markdown_table_puts_how_each_figure_was_computed_beside_it(photos_a
                                                                         tmp_path):
     monkeypatch.setenv("SIMVQ_WEIGHTS_DIR", str(tmp_path / "empty"))  # no network files: rfid unavailable
     x, x_hat = photos_and_reconstructions
-    evaluator = ImageEvaluator(torch.device("cpu"), MetricNetworks())
+    evaluator = ImageEvaluator(torch.device("cpu"), MetricNetworks(), DataConfig())
     evaluator.update(x, x_hat)
     report = {"checkpoint": "c", "step": 1, "modality": "image", "codebook_size": 8, "samples": 8, "tokens": 8,
               "world_size": 1, "metrics": {"utilization": 0.5, "perplexity": 3.0, **evaluator.compute()},
               "unavailable": evaluator.unavailable, "skipped_samples": {},
-              "notes": {**METRIC_NOTES["image"], **evaluator.notes}}
+              "notes": {**metric_notes(ImageEvaluator), **evaluator.notes}}
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in markdown_table(report).splitlines()
             if line.startswith("| ") and not line.startswith("| metric")}
     assert rows["ssim"][1].startswith("mean per image; paper convention: ")
@@ -192,7 +197,7 @@ def test_the_markdown_table_puts_how_each_figure_was_computed_beside_it(photos_a
     assert "resized to 299x299 by bilinear interpolation" in rows["rfid"][1]  # the resize path, beside the figure
     assert float(rows["psnr"][0]) == pytest.approx(report["metrics"]["psnr"], abs=1e-4)
     audio = {**report, "modality": "audio", "metrics": {"utilization": 0.5, "mel_distance": 1.0},
-             "notes": METRIC_NOTES["audio"]}
+             "notes": metric_notes(AudioEvaluator)}
     table_rows = [line for line in markdown_table(audio).splitlines() if line.startswith("| ")]
     assert any("\\|log mel" in line for line in table_rows)  # mel distance's note holds pipes: escaped
     assert all(len(re.split(r"(?<!\\)\|", line)) == 5 for line in table_rows)  # 3 cells in every row

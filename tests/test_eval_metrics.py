@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
+from simvq_scale.config import DataConfig
 from simvq_scale.eval import audio as A
-from simvq_scale.eval.image import psnr_per_image, ssim_per_image
-from simvq_scale.eval.runner import (WHOLE_SET_WINDOW, ImageEvaluator, MeanSums, MetricNetworks, global_code_counts,
-                                     optional_network)
+from simvq_scale.eval.evaluator import MeanSums, MetricNetworks, optional_network
+from simvq_scale.eval.image import ImageEvaluator, psnr_per_image, ssim_per_image
+from simvq_scale.eval.runner import WHOLE_SET_WINDOW, global_code_counts
 from simvq_scale.quant.stats import CodebookUsage
 
 RATE = 24000
@@ -110,7 +111,7 @@ def test_mean_sums_skip_missing_values_and_report_none_when_empty():
 
 def test_missing_default_weights_make_metrics_unavailable_and_explicit_paths_fail_by_option(monkeypatch, tmp_path):
     monkeypatch.setenv("SIMVQ_WEIGHTS_DIR", str(tmp_path / "empty"))
-    evaluator = ImageEvaluator(torch.device("cpu"), MetricNetworks())
+    evaluator = ImageEvaluator(torch.device("cpu"), MetricNetworks(), DataConfig())
     assert set(evaluator.unavailable) == {"lpips_vgg", "lpips_alex", "rfid"}
     for metric, option in (("lpips_vgg", "--lpips-vgg"), ("lpips_alex", "--lpips-alex"), ("rfid", "--fid-inception")):
         reason = evaluator.unavailable[metric]
@@ -121,7 +122,7 @@ def test_missing_default_weights_make_metrics_unavailable_and_explicit_paths_fai
     assert set(figures) == {"psnr", "ssim"} and figures["ssim"] == pytest.approx(1.0)
     with pytest.raises(FileNotFoundError, match=r"--fid-inception=.*nope\.pt"):
         ImageEvaluator(torch.device("cpu"), MetricNetworks(fid_inception=str(tmp_path / "nope.pt"),
-                                                           skip=("lpips_vgg", "lpips_alex")))
+                                                           skip=("lpips_vgg", "lpips_alex")), DataConfig())
     with pytest.raises(FileNotFoundError, match=r"--utmos-weights='.*utmos\.pt'"):
         optional_network("utmos", "--utmos-weights", str(tmp_path / "utmos.pt"), A.load_utmos, MetricNetworks(), {})
     with pytest.raises(ValueError, match="--skip psnr"):

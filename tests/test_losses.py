@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from simvq_scale.losses.adversarial import adaptive_weight, disc_factor, generator_adv_loss, hinge_d_loss
+from simvq_scale.losses.adversarial import adaptive_weight, generator_adv_loss, hinge_d_loss
 from simvq_scale.losses.perceptual import PerceptualLoss
 
 
@@ -57,14 +57,16 @@ def test_adaptive_weight_on_the_decoder_last_layer_of_a_model():
     assert weight.item() > 0
 
 
-def test_disc_factor_switches_on_at_start():
-    assert [disc_factor(s, 3) for s in range(5)] == [0.0, 0.0, 0.0, 1.0, 1.0]
-    assert disc_factor(0, 0) == 1.0
-
-
 @pytest.fixture(scope="module")
-def random_lpips() -> PerceptualLoss:
-    return PerceptualLoss.random_for_tests()  # RANDOM trunk on purpose: no weights file needed
+def random_lpips(tmp_path_factory) -> PerceptualLoss:
+    """The production PerceptualLoss reading a trunk file in the fetch tool's format (torchvision's
+    vgg16().features state dict) that holds a RANDOM VGG16, on purpose: no real weights file needed."""
+    import torchvision
+
+    path = tmp_path_factory.mktemp("weights") / "random_vgg16_features.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.vgg16().features.state_dict(), path)
+    return PerceptualLoss(str(path))
 
 
 def test_perceptual_loss_zero_on_identical_images_random_weights(random_lpips):

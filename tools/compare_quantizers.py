@@ -57,11 +57,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing, as launch/train.py does
 
-from simvq_scale.config import QUANTIZER_KINDS, ConfigError, load_config, to_dict  # noqa: E402
+from simvq_scale.config import QUANTIZER_KINDS, ConfigError, dotted_items, load_config, to_dict  # noqa: E402
 from simvq_scale.data import ShardPatternError, expand_shards  # noqa: E402
-from simvq_scale.eval.comparison import (METRIC_NOTES, PlottingUnavailable, RunRecord,  # noqa: E402
+from simvq_scale.eval.comparison import (PlottingUnavailable, RunRecord, comparison_note,  # noqa: E402
                                          last_logged, markdown_table, pyplot, read_eval, write_csv, write_plots)
 from simvq_scale.inference import EXPORT_NAME  # noqa: E402
+from simvq_scale.train.checkpoint import CHECKPOINT_DIR  # noqa: E402
+from simvq_scale.train.run_dir import CONFIG_FILE  # noqa: E402
 
 # Every config key this tool reads or writes, in one table. The kind-specific quantizer options are moving
 # into per-kind sections (quantizer.fsq.levels, quantizer.lc.features, ...): change the right-hand sides then.
@@ -250,22 +252,12 @@ def plan(args) -> tuple[list[PlannedRun], dict]:
     return planned, shared
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_existing(run: PlannedRun) -> None:
     """A run folder from an earlier call must hold the same run (train.steps may grow: it continues)."""
-    path = run.record.run_dir / "config.yaml"
+    path = run.record.run_dir / CONFIG_FILE
     if run.record.status != "ok" or not path.is_file():
         return
-    old, new = _flat(yaml.safe_load(path.read_text()) or {}), _flat(run.config)
+    old, new = dotted_items(yaml.safe_load(path.read_text()) or {}), dotted_items(run.config)
     missing = object()
     differs = sorted(k for k in old.keys() | new.keys()
                      if k not in (KEYS["steps"], KEYS["out_dir"]) and old.get(k, missing) != new.get(k, missing))
@@ -474,7 +466,7 @@ def caption(args, shared: dict, records: list[RunRecord]) -> str:
             f"trained on `{lookup(shared, KEYS['train_shards'])}`; each EMA export evaluated by tools/eval_recon.py "
             f"on `{args.val_shards}` ({'/'.join(map(str, samples)) or 'no'} samples); "
             f"device: {'; '.join(devices) or 'not recorded'}. Utilization and perplexity count the codes chosen over "
-            f"the evaluation set; {METRIC_NOTES[lookup(shared, KEYS['modality'])]}. "
+            f"the evaluation set; {comparison_note(lookup(shared, KEYS['modality']))}. "
             "Made by tools/compare_quantizers.py.")
 
 
@@ -557,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         r = run.record
         state = (f"skipped: {r.note}" if r.status == "skipped" else "trained" if training_done(r.run_dir, r.steps)
-                 else "continues from its checkpoint" if (r.run_dir / "ckpt" / "latest").is_file() else "new")
+                 else "continues from its checkpoint" if (r.run_dir / CHECKPOINT_DIR / "latest").is_file() else "new")
         print(f"{r.name}: {r.kind}, K={r.codebook_size:,}, {r.steps:,} steps -> {r.run_dir} ({state})")
         if args.dry_run and run.overrides:
             print("  --set " + shlex.join(run.overrides))

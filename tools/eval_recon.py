@@ -25,9 +25,10 @@ import json
 import sys
 from pathlib import Path
 
+from simvq_scale import distributed
+from simvq_scale.eval.evaluator import MetricNetworks, skippable_metrics
 from simvq_scale.eval.image import SSIM_CONVENTIONS
-from simvq_scale.eval.runner import (SKIPPABLE, MetricNetworks, add_common_arguments, evaluate, markdown_table,
-                                     finish_tool, rank_and_world, start_tool, tool_loader)
+from simvq_scale.eval.runner import add_common_arguments, evaluate, finish_tool, markdown_table, start_tool, tool_loader
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                         "fid_inception.pt in the weights dir)")
     parser.add_argument("--utmos-weights", default="", help="TorchScript UTMOS model (16 kHz (B,T) -> (B,) MOS); "
                         "without it UTMOS is reported unavailable")
-    parser.add_argument("--skip", default="", help=f"comma-separated metrics not to compute: {', '.join(SKIPPABLE)}")
+    parser.add_argument("--skip", default="", help=f"comma-separated metrics not to compute: {', '.join(skippable_metrics())}")
     parser.add_argument("--ssim-convention", default="paper", choices=sorted(SSIM_CONVENTIONS),
                         help="paper (default): 8-bit images, skimage's 7x7 uniform window, border windows left out, as "
                         "the SimVQ reference; torchmetrics: Gaussian 11/1.5 window over a reflect-padded border")
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                               tuple(s for s in args.skip.split(",") if s), args.ssim_convention)
     tokenizer = start_tool(args.checkpoint, args.device)
     report = evaluate(tokenizer, tool_loader(tokenizer, args), networks, progress=not args.no_progress)
-    if rank_and_world()[0] == 0:
+    if distributed.is_main():
         table = markdown_table(report)
         print(table)
         if args.out:

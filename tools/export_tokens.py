@@ -19,11 +19,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 import webdataset as wds
 
-from simvq_scale.eval.runner import (add_common_arguments, encoded_batches, finish_tool, rank_and_world,
-                                     skipped_counts, start_tool, tool_loader)
+from simvq_scale import distributed
+from simvq_scale.eval.runner import (add_common_arguments, encoded_batches, finish_tool, skipped_counts, start_tool,
+                                     tool_loader)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shard_size < 1:
         parser.error(f"--shard-size={args.shard_size} must be >= 1")
     tokenizer = start_tool(args.checkpoint, args.device)
-    rank, world = rank_and_world()
+    rank = distributed.rank()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     loader = tool_loader(tokenizer, args)
@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if writer is not None:
             writer.close()
-    everyone = [mine]
-    if world > 1:
-        everyone = [None] * world
-        dist.all_gather_object(everyone, mine)
+    everyone = distributed.gather_objects(mine)
     skipped = skipped_counts(loader)
     if rank == 0:
         shapes = {tuple(r["token_shape"]) for r in everyone if r["token_shape"] is not None}

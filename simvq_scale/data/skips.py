@@ -87,15 +87,11 @@ class SkippedSampleReport:
     def publish(self, step: int, loader, global_total: float, console: Callable[[str], None]) -> None:
         if global_total <= self.published_total:
             return
-        import torch.distributed as dist
+        from simvq_scale import distributed
 
         self.published_total = global_total
         records, dropped = loader.take_skipped_records()
-        mine = {"rank": dist.get_rank() if dist.is_initialized() else 0, "records": records, "dropped": dropped}
-        everyone = [mine]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            everyone = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, mine)
+        everyone = distributed.gather_objects({"rank": distributed.rank(), "records": records, "dropped": dropped})
         if not self.is_main:
             return
         named = [{"step": step, "rank": r["rank"], **record} for r in everyone for record in r["records"]]

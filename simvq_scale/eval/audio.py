@@ -11,7 +11,7 @@
 * UTMOS: only from a local TorchScript file (16 kHz waveform (B, T) -> MOS (B,)); never random weights.
 
 pesq, pystoi and torchcrepe come with the `audio-eval` extra; without one of them its metric is reported
-unavailable with a reason naming the extra (`missing_package`).
+unavailable with a reason naming the extra (`missing_package`). AudioEvaluator reduces them over an evaluation set.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
+from simvq_scale.config import DataConfig
+from simvq_scale.distributed import all_reduce_sum
+from simvq_scale.eval.evaluator import Evaluator, MeanSums, MetricNetworks, optional_network
 from simvq_scale.losses.audio import LogMelSpectrogram
 
 PESQ_RATE = 16000
@@ -157,3 +160,66 @@ def utmos_scores(model: torch.nn.Module, degraded: torch.Tensor, rate: int) -> t
     with torch.no_grad():
         return model(resample(degraded.float(), rate, PESQ_RATE)).flatten().float()
 
+
+
+class AudioEvaluator(Evaluator):
+    METRICS = ("pesq_wb", "stoi", "mel_distance", "vuv_f1", "utmos")
+    SKIPPABLE = METRICS
+    NOTES = {
+        "pesq_wb": "PESQ wide-band (P.862.2) at 16 kHz, mean per clip",
+        "stoi": "STOI (pystoi), mean per clip",
+        "mel_distance": MEL_DISTANCE_NOTE,
+        "vuv_f1": VUV_F1_NOTE,
+        "utmos": "UTMOS from the TorchScript file given by --utmos-weights, mean per clip",
+    }
+    TABLE_COLUMNS = (("pesq_wb", "PESQ", ".3f"), ("stoi", "STOI", ".3f"), ("mel_distance", "mel distance", ".3f"),
+                     ("vuv_f1", "V/UV F1", ".3f"))
+    COMPARISON_NOTE = "PESQ is wide-band at 16 kHz; V/UV F1 comes from CREPE voicing, as the reference's"
+    # per-clip metrics that have no figure for some clips, and why (counted and noted in the report)
+    LEFT_OUT = {"pesq_wb": "without detectable speech",
+                "vuv_f1": "with no frame voiced in both the original and the reconstruction (as the reference does)"}
+
+    def __init__(self, device: torch.device, networks: MetricNetworks, data: DataConfig):
+        super().__init__(device, networks, data)
+        self.rate = data.sample_rate
+        for metric, package in (("pesq_wb", "pesq"), ("stoi", "pystoi"), ("vuv_f1", "torchcrepe")):
+            reason = "skipped (--skip)" if metric in networks.skip else missing_package(package)
+            if reason:
+                self.unavailable[metric] = reason
+        if not networks.utmos_weights and "utmos" not in networks.skip:
+            self.unavailable["utmos"] = "unavailable (no --utmos-weights)"
+        self.utmos = (optional_network("utmos", "--utmos-weights", networks.utmos_weights, load_utmos,
+                                       networks, self.unavailable) if networks.utmos_weights else None)
+        if self.utmos is not None:
+            self.utmos.to(device)
+        if "mel_distance" in networks.skip:
+            self.unavailable["mel_distance"] = "skipped (--skip)"
+        self.mel = MelDistance(self.rate).to(device)
+        self.means = MeanSums(self.METRICS, device)
+        self.left_out = torch.zeros(len(self.LEFT_OUT), dtype=torch.float64, device=device)  # clips without a figure
+
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        """Waveforms (B, T) and the decoder's output (B, [1,] T'), both cut to the shorter length."""
+        x_hat = x_hat.float().reshape(x_hat.shape[0], -1)
+        n = min(x.shape[-1], x_hat.shape[-1])
+        x, x_hat = x[:, :n], x_hat[:, :n].clamp(-1, 1)
+        for metric, per_clip in (("pesq_wb", pesq_wb), ("vuv_f1", vuv_f1)):
+            if metric not in self.unavailable:
+                scores = per_clip(x, x_hat, self.rate)
+                self.means.add(metric, scores)
+                self.left_out[list(self.LEFT_OUT).index(metric)] += sum(s is None for s in scores)
+        if "stoi" not in self.unavailable:
+            self.means.add("stoi", stoi(x, x_hat, self.rate))
+        if "mel_distance" not in self.unavailable:
+            self.means.add("mel_distance", self.mel(x, x_hat))
+        if self.utmos is not None:
+            self.means.add("utmos", utmos_scores(self.utmos, x_hat, self.rate))
+
+    def compute(self) -> dict[str, float | None]:
+        means = self.means.reduce()
+        figures = {name: mean for name, (mean, _) in means.items() if name not in self.unavailable}
+        left_out = all_reduce_sum(self.left_out.clone()).tolist()
+        for (metric, why), n in zip(self.LEFT_OUT.items(), left_out):
+            if n:
+                self.notes[f"{metric}_left_out"] = f"{int(n)} of {int(n) + means[metric][1]} clips {why} left out"
+        return figures

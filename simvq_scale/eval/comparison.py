@@ -13,29 +13,18 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-METRICS_FILE = "metrics.jsonl"
+from simvq_scale.eval.evaluator import CODEBOOK_METRICS
+from simvq_scale.modality import get_modality
+from simvq_scale.train.logging import METRICS_FILE
+
 EVAL_FILE = "eval.json"
 UTILIZATION_TAG = "codebook/utilization"
 PERPLEXITY_TAG = "codebook/perplexity"
-RECON_TAGS = {"image": "loss/recon", "audio": "loss/mel"}  # the reconstruction loss the trainer logs
 W_TAGS = (("W/rank", "numerical rank of W"), ("W/effective_rank", "effective rank of W"),
           ("W/fro_norm", "Frobenius norm of W"))
-
-# (eval.json metric, column heading, format); utilization and perplexity are over the evaluation set
-TABLE_COLUMNS = {
-    "image": (("utilization", "utilization", ".3f"), ("perplexity", "perplexity", ".1f"), ("psnr", "PSNR", ".2f"),
-              ("ssim", "SSIM", ".4f"), ("lpips_vgg", "LPIPS", ".4f"), ("rfid", "rFID", ".2f")),
-    "audio": (("utilization", "utilization", ".3f"), ("perplexity", "perplexity", ".1f"), ("pesq_wb", "PESQ", ".3f"),
-              ("stoi", "STOI", ".3f"), ("mel_distance", "mel distance", ".3f"), ("vuv_f1", "V/UV F1", ".3f")),
-}
-METRIC_NOTES = {  # what a reader needs to compare the table's figures with other tables
-    "image": "LPIPS is VGG LPIPS v0.1",
-    "audio": "PESQ is wide-band at 16 kHz; V/UV F1 comes from a YIN voicing detector",
-}
-CSV_METRICS = {
-    "image": ("utilization", "perplexity", "psnr", "ssim", "lpips_vgg", "lpips_alex", "rfid"),
-    "audio": ("utilization", "perplexity", "pesq_wb", "stoi", "mel_distance", "vuv_f1", "utmos"),
-}
+# (eval.json metric, column heading, format) of every modality's table, before its evaluator's TABLE_COLUMNS;
+# utilization and perplexity are over the evaluation set
+CODEBOOK_COLUMNS = (("utilization", "utilization", ".3f"), ("perplexity", "perplexity", ".1f"))
 UNAVAILABLE = "unavailable"
 NO_FIGURE = "-"  # a run that was skipped or failed has no figures
 
@@ -106,9 +95,19 @@ def _unavailable_reasons(reports: list[dict], metrics: tuple[str, ...]) -> dict[
     return reasons
 
 
+def table_columns(modality: str) -> tuple[tuple[str, str, str], ...]:
+    """(eval.json metric, heading, format) of the comparison table's figure columns for `modality`."""
+    return CODEBOOK_COLUMNS + get_modality(modality).evaluator_class().TABLE_COLUMNS
+
+
+def comparison_note(modality: str) -> str:
+    """What a reader needs to compare a table of `modality` with other tables."""
+    return get_modality(modality).evaluator_class().COMPARISON_NOTE
+
+
 def markdown_table(records: list[RunRecord], modality: str, caption: str) -> str:
     """The caption, one row per run (figures from its eval.json), and the reasons of unavailable metrics."""
-    columns = TABLE_COLUMNS[modality]
+    columns = table_columns(modality)
     lines = [caption, "", "| run | quantizer | K | steps | " + " | ".join(h for _, h, _ in columns) + " | note |",
              "|---|---|---|---|" + "---|" * len(columns) + "---|"]
     reports = []
@@ -133,7 +132,8 @@ def markdown_table(records: list[RunRecord], modality: str, caption: str) -> str
 
 def csv_rows(records: list[RunRecord], modality: str) -> list[dict[str, object]]:
     """Every evaluation figure of each run (empty when unavailable) and the last logged training figures."""
-    recon_tag = RECON_TAGS[modality]
+    recon_tag = get_modality(modality).recon_loss_tag
+    metrics = (*CODEBOOK_METRICS, *get_modality(modality).evaluator_class().METRICS)
     rows = []
     for record in records:
         report = read_eval(record.run_dir) if record.status == "ok" else None
@@ -141,7 +141,7 @@ def csv_rows(records: list[RunRecord], modality: str) -> list[dict[str, object]]
         row: dict[str, object] = {"run": record.name, "quantizer": record.kind, "codebook_size": record.codebook_size,
                                   "steps": record.steps, "status": record.status, "note": record.note,
                                   "device": record.device, "eval_samples": report["samples"] if report else ""}
-        for metric in CSV_METRICS[modality]:
+        for metric in metrics:
             row[metric] = report["metrics"].get(metric, "") if report else ""
         for column, tag in (("train_utilization", UTILIZATION_TAG), ("train_perplexity", PERPLEXITY_TAG),
                             (f"train_{recon_tag.split('/')[1]}", recon_tag)):
@@ -196,7 +196,7 @@ def _plot_series(runs: dict[str, dict], panels: tuple[tuple[str, str], ...], tit
 def write_plots(records: list[RunRecord], modality: str, out: Path) -> list[Path]:
     """utilization.png, recon_loss.png and w_rank_norm.png (only for runs that log W); the paths written."""
     runs = {r.name: read_metrics(r.run_dir) for r in records if r.status != "skipped"}
-    recon_tag = RECON_TAGS[modality]
+    recon_tag = get_modality(modality).recon_loss_tag
     figures = (
         ("utilization.png", ((UTILIZATION_TAG, "codebook utilization (training window)"),),
          "Codebook utilization during training"),

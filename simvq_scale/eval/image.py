@@ -1,4 +1,5 @@
-"""Image reconstruction metrics, per image, on images in [-1, 1] (the model's range).
+"""Image reconstruction metrics, per image, on images in [-1, 1] (the model's range), and the image
+evaluator (ImageEvaluator) that reduces them over an evaluation set.
 
 PSNR and SSIM are computed on [0, 1] (data range 1) per image; the reported figure is the mean of the
 per-image values. (The SimVQ reference code computes PSNR of the MSE pooled over a batch, which depends
@@ -17,6 +18,8 @@ from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from simvq_scale.config import DataConfig
+from simvq_scale.eval.evaluator import Evaluator, MeanSums, MetricNetworks, optional_network
 from simvq_scale.pretrained import load_fid_inception, load_lpips
 
 MAX_PSNR_DB = 100.0  # PSNR of identical images is capped at 100 dB (MSE 1e-10) instead of inf, so means stay finite
@@ -109,3 +112,63 @@ def reconstruction_fid(path: str = "") -> FrechetInceptionDistance:
 
     Its states are sums, reduced over all ranks by torchmetrics when compute() runs (on every rank)."""
     return FrechetInceptionDistance(feature=InceptionPoolFeatures(path), reset_real_features=True)
+
+
+class ImageEvaluator(Evaluator):
+    METRICS = ("psnr", "ssim", "lpips_vgg", "lpips_alex", "rfid")
+    SKIPPABLE = ("lpips_vgg", "lpips_alex", "rfid")
+    NOTES = {
+        "psnr": "mean of per-image PSNR on [0,1] (data range 1); the reference code pools the MSE over a batch",
+        # "ssim": in the instance's notes, naming the convention used
+        "lpips_vgg": "LPIPS v0.1, VGG16 trunk, mean per image",
+        "lpips_alex": "LPIPS v0.1, AlexNet trunk, mean per image",
+        "rfid": f"Frechet distance (torchmetrics), reconstructions vs originals, of {RFID_INPUT}",
+    }
+    TABLE_COLUMNS = (("psnr", "PSNR", ".2f"), ("ssim", "SSIM", ".4f"), ("lpips_vgg", "LPIPS", ".4f"),
+                     ("rfid", "rFID", ".2f"))
+    COMPARISON_NOTE = "LPIPS is VGG LPIPS v0.1"
+
+    def __init__(self, device: torch.device, networks: MetricNetworks, data: DataConfig):
+        super().__init__(device, networks, data)
+        self.ssim_convention = networks.ssim_convention
+        self.conventions = {"ssim": self.ssim_convention}
+        self.notes = {"ssim": f"mean per image; {self.ssim_convention} convention: "
+                              f"{SSIM_CONVENTIONS[self.ssim_convention]}"}
+        self.lpips = {}
+        for net, metric, option, path in (("vgg", "lpips_vgg", "--lpips-vgg", networks.lpips_vgg),
+                                           ("alex", "lpips_alex", "--lpips-alex", networks.lpips_alex)):
+            model = optional_network(metric, option, path, lambda p, net=net: Lpips(net, p),
+                                     networks, self.unavailable)
+            if model is not None:
+                self.lpips[metric] = model.to(device)
+        fid = optional_network("rfid", "--fid-inception", networks.fid_inception, reconstruction_fid,
+                               networks, self.unavailable)
+        self.fid = None if fid is None else fid.to(device)
+        self.means = MeanSums(("psnr", "ssim", "lpips_vgg", "lpips_alex"), device)
+
+    @classmethod
+    def check_networks(cls, networks: MetricNetworks) -> None:
+        if networks.ssim_convention not in SSIM_CONVENTIONS:
+            raise ValueError(f"--ssim-convention {networks.ssim_convention}: choose from "
+                             f"{', '.join(SSIM_CONVENTIONS)}")
+
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        x_hat = x_hat.float().clamp(-1, 1)
+        self.means.add("psnr", psnr_per_image(x, x_hat))
+        self.means.add("ssim", ssim_per_image(x, x_hat, self.ssim_convention))
+        for metric, model in self.lpips.items():
+            self.means.add(metric, model(x, x_hat))
+        if self.fid is not None:
+            self.fid.update(x, real=True)
+            self.fid.update(x_hat, real=False)
+
+    def compute(self) -> dict[str, float | None]:
+        means = self.means.reduce()
+        figures = {name: mean for name, (mean, _) in means.items() if name not in self.unavailable}
+        if self.fid is not None:
+            samples = means["psnr"][1]  # every image went into both feature sets
+            if samples < 2:
+                self.unavailable["rfid"] = f"unavailable (needs >= 2 images, the set has {samples})"
+            else:
+                figures["rfid"] = float(self.fid.compute())  # collective: torchmetrics sums the states over ranks
+        return figures

@@ -28,7 +28,3 @@ def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
-
-def disc_factor(step: int, start: int) -> float:
-    """1.0 once `step` reaches `start` (loss.disc_start), else 0.0 (taming's adopt_weight)."""
-    return 1.0 if step >= start else 0.0

@@ -17,12 +17,10 @@ from simvq_scale.quant.base import QuantizerOutput
 
 
 class ImageGANObjective(nn.Module):
-    def __init__(self, cfg: LossConfig, perceptual: nn.Module | None = None):
+    def __init__(self, cfg: LossConfig):
         super().__init__()
         self.cfg = cfg
-        if perceptual is None and cfg.perceptual_weight > 0:
-            perceptual = PerceptualLoss(cfg.perceptual_weights)
-        self.perceptual = perceptual
+        self.perceptual = PerceptualLoss(cfg.perceptual_weights) if cfg.perceptual_weight > 0 else None
 
     def networks(self) -> dict[str, nn.Module]:
         """The objective's own networks worth compiling with the models (LPIPS)."""

@@ -5,21 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from simvq_scale.pretrained import load_lpips, random_lpips_for_tests
+from simvq_scale.pretrained import load_lpips
 
 
 class PerceptualLoss(nn.Module):
-    """forward(x, x_hat) -> scalar mean LPIPS over the batch. The network is frozen and stays in
-    eval mode (train() does not switch its dropout on); gradients flow to x_hat only."""
+    """forward(x, x_hat) -> scalar mean LPIPS over the batch, with the LPIPS-VGG trunk file at `path`
+    (loss.perceptual_weights). The network is frozen and stays in eval mode (train() does not switch its
+    dropout on); gradients flow to x_hat only."""
 
-    def __init__(self, path: str = "", *, _lpips: nn.Module | None = None):
+    def __init__(self, path: str = ""):
         super().__init__()
-        self.lpips = _lpips if _lpips is not None else load_lpips("vgg", path)
-
-    @classmethod
-    def random_for_tests(cls) -> "PerceptualLoss":
-        """A RANDOM-trunk LPIPS-VGG (real v0.1 heads), for tests that must not need the weights file."""
-        return cls(_lpips=random_lpips_for_tests("vgg"))
+        self.lpips = load_lpips("vgg", path)
 
     def train(self, mode: bool = True) -> "PerceptualLoss":
         super().train(mode)

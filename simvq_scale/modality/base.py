@@ -1,9 +1,10 @@
 """What a modality is: every question the trainer, data, evaluation and tools ask about images or audio.
 
 A modality is one object registered by name (`data.modality` in the config). Adding one (say video) is
-one new module here that subclasses Modality and calls `register_modality`, plus its config section and
-models; nothing else branches on the modality. The builders import their models lazily, so looking a
-modality up (config validation, light tools) stays cheap.
+one new module here that subclasses Modality and calls `register_modality` (and is imported by this
+package's __init__), plus its config section, models, objective and evaluator; nothing else branches on
+the modality. The builders import their models lazily, so looking a modality up (config validation, light
+tools) stays cheap.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from typing import TYPE_CHECKING, ClassVar
 from simvq_scale.config import ConfigError
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import numpy as np
     import torch
     from torch import nn
 
     from simvq_scale.config import Config, DataConfig
+    from simvq_scale.eval.evaluator import Evaluator
     from simvq_scale.train.logging import NoOpLogger
 
 
@@ -28,6 +32,17 @@ class Modality(abc.ABC):
     recon_loss_tag: ClassVar[str]
     # what one sample is called in throughput lines ("img", "s of audio" ...) and its unit of measure per sample
     sample_noun: ClassVar[str]
+
+    # ---- configuration
+    @abc.abstractmethod
+    def check_config(self, cfg: Config) -> None:
+        """Every impossible value of the settings this modality reads (its model, data and loss keys) as a
+        one-line ConfigError naming the key and value; Config.validate calls it. Sections of other modalities
+        are inert and not checked."""
+
+    def check_pretrained(self, cfg: Config) -> None:
+        """The pretrained network files the objective will load exist (WeightsNotFoundError naming the setting);
+        the preflight (train/preflight.py) calls it before anything is built."""
 
     # ---- data
     @abc.abstractmethod
@@ -58,6 +73,26 @@ class Modality(abc.ABC):
     def describe(self, cfg: Config, tokens_per_sample: int, codebook_size: int) -> dict:
         """Extra `--dry-run` figures (e.g. the audio bitrate)."""
         return {}
+
+    # ---- evaluation and tools
+    @abc.abstractmethod
+    def evaluator_class(self) -> type[Evaluator]:
+        """The simvq_scale.eval evaluator of this modality's reconstructions (its figures, notes, table columns)."""
+
+    @abc.abstractmethod
+    def read_file(self, path: Path, data: DataConfig) -> torch.Tensor:
+        """One media file as one model input without the batch dimension (tools/reconstruct.py); a ValueError
+        naming the file and what this modality reads when it cannot be read."""
+
+    @abc.abstractmethod
+    def write_reconstruction(self, out: Path, stem: str, x: torch.Tensor, x_hat: torch.Tensor,
+                             data: DataConfig) -> list[Path]:
+        """Write input `x` and its reconstruction `x_hat` (one sample each, on the CPU, in [-1, 1]) under `out`
+        as files named after `stem`, for a side-by-side look; returns the paths written."""
+
+    @abc.abstractmethod
+    def fidelity(self, x: torch.Tensor, x_hat: torch.Tensor, data: DataConfig) -> str:
+        """How close `x_hat` is to `x` (one sample each), as a short phrase ("PSNR 23.10 dB")."""
 
     # ---- monitoring
     @abc.abstractmethod

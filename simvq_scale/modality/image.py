@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from simvq_scale.config import require
 from simvq_scale.modality.base import Modality, register_modality
 
 RGB = 3  # the loader decodes every image to RGB
@@ -13,6 +14,43 @@ class ImageModality(Modality):
     name = "image"
     recon_loss_tag = "loss/recon"
     sample_noun = "img"
+
+    def check_config(self, cfg):
+        from simvq_scale.models.norms import NORM_GROUPS
+
+        m, d, size = cfg.model.image, cfg.model.discriminator, cfg.data.image_size
+        require(m.channels > 0 and m.num_res_blocks > 0,
+                f"model.image.channels={m.channels} and num_res_blocks={m.num_res_blocks} must be > 0")
+        require(bool(m.channel_mult) and all(k > 0 for k in m.channel_mult),
+                f"model.image.channel_mult={m.channel_mult} must be a non-empty list of positive integers")
+        widths = sorted({m.channels * k for k in m.channel_mult})
+        require(all(w % NORM_GROUPS == 0 for w in widths),
+                f"model.image.channels={m.channels} * channel_mult={m.channel_mult} makes widths {widths}; "
+                f"GroupNorm needs multiples of {NORM_GROUPS}")
+        downsampling = 2 ** (len(m.channel_mult) - 1)
+        require(size > 0 and size % downsampling == 0,
+                f"data.image_size={size} must be a positive multiple of {downsampling}, the encoder's downsampling "
+                f"(2^(len(model.image.channel_mult) - 1) for channel_mult={m.channel_mult})")
+        require(d.layers >= 1 and d.channels > 0,
+                f"model.discriminator.layers={d.layers} must be >= 1 and channels={d.channels} > 0")
+        widths = sorted({d.channels * min(2**n, 8) for n in range(1, d.layers + 1)})
+        require(all(w % NORM_GROUPS == 0 for w in widths),
+                f"model.discriminator.channels={d.channels} makes normalised widths {widths} (channels * "
+                f"min(2^n, 8)); GroupNorm needs multiples of {NORM_GROUPS}")
+        side = size
+        for _ in range(d.layers):
+            side //= 2  # a 4x4 stride-2 conv with padding 1
+        require(side >= 3, f"model.discriminator.layers={d.layers} halves data.image_size={size} to {side} pixels; "
+                f"the PatchGAN's last two 4x4 convs need at least 3: use fewer layers or larger images")
+        require(cfg.loss.recon_weight >= 0 and cfg.loss.perceptual_weight >= 0,
+                f"loss.recon_weight={cfg.loss.recon_weight} and loss.perceptual_weight={cfg.loss.perceptual_weight} "
+                "must be >= 0")
+
+    def check_pretrained(self, cfg):
+        if cfg.loss.perceptual_weight > 0:  # the objective loads LPIPS only then (losses/gan_image.py)
+            from simvq_scale.pretrained import lpips_weights_file
+
+            lpips_weights_file(cfg.loss.perceptual_weights)
 
     def sample_shape(self, data):
         return (RGB, data.image_size, data.image_size)
@@ -37,6 +75,47 @@ class ImageModality(Modality):
         from simvq_scale.losses.gan_image import ImageGANObjective
 
         return ImageGANObjective(cfg.loss)
+
+    def evaluator_class(self):
+        from simvq_scale.eval.image import ImageEvaluator
+
+        return ImageEvaluator
+
+    def read_file(self, path, data):
+        """Scaled (shorter side) and center-cropped to data.image_size, as the evaluation loader does."""
+        import numpy as np
+
+        from simvq_scale.data.decode import IMAGE_FIELDS, BadSample, decode_image
+
+        suffix = path.suffix.lower().lstrip(".")
+        field = suffix if suffix in IMAGE_FIELDS else "png"  # PIL detects the format from the bytes
+        try:
+            return decode_image({"__key__": str(path), field: path.read_bytes()}, data.image_size, False, False,
+                                np.random.default_rng(0))
+        except BadSample as e:
+            raise ValueError(f"cannot read image {path}: {e}") from None
+
+    def write_reconstruction(self, out, stem, x, x_hat, data):
+        """<stem>.compare.png (original | reconstruction) and <stem>.recon.png."""
+        from PIL import Image
+
+        from simvq_scale.eval.image import to_unit
+
+        def to_pil(image):
+            return Image.fromarray((to_unit(image) * 255).round().byte().permute(1, 2, 0).numpy())
+
+        side = Image.new("RGB", (2 * x.shape[-1], x.shape[-2]))
+        side.paste(to_pil(x), (0, 0))
+        side.paste(to_pil(x_hat), (x.shape[-1], 0))
+        written = [out / f"{stem}.compare.png", out / f"{stem}.recon.png"]
+        side.save(written[0])
+        to_pil(x_hat).save(written[1])
+        return written
+
+    def fidelity(self, x, x_hat, data):
+        from simvq_scale.eval.image import psnr_per_image
+
+        return f"PSNR {float(psnr_per_image(x[None], x_hat[None])):.2f} dB"
 
     def log_reconstructions(self, logger, step, x, x_hat, cfg, objective):
         """One grid: the inputs in the top row, their reconstructions below."""

@@ -15,11 +15,11 @@ so decode_indices(idx) still equals forward's z_q bit for bit.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from simvq_scale.config import QuantizerConfig
+from simvq_scale.distributed import all_reduce_sum
 from simvq_scale.quant.base import Quantizer, QuantizerOutput, commitment_loss, straight_through
 from simvq_scale.quant.codebook import gaussian_rows
 from simvq_scale.quant.nearest import nearest_code
@@ -69,8 +69,7 @@ class SimVQ(Quantizer):
         distributed like the tokens, per dimension."""
         tokens = tokens.float()
         moments = torch.cat([tokens.sum(0), tokens.pow(2).sum(0), tokens.new_tensor([tokens.shape[0]])])
-        if dist.is_initialized():
-            dist.all_reduce(moments)
+        all_reduce_sum(moments)
         count = moments[-1]
         mean = moments[: self.dim] / count
         std = (moments[self.dim : 2 * self.dim] / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6)

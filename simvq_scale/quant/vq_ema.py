@@ -11,9 +11,9 @@ model's state and must travel in checkpoints.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from simvq_scale.config import QuantizerConfig
+from simvq_scale.distributed import all_reduce_sum
 from simvq_scale.quant.base import Quantizer, QuantizerOutput, straight_through
 from simvq_scale.quant.registry import register_quantizer
 from simvq_scale.quant.vq import nearest_index
@@ -39,9 +39,8 @@ class VQEMA(Quantizer):
     def ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
         counts = torch.bincount(indices, minlength=self.codebook_size).float()
         sums = torch.zeros_like(self.embedding_sum).index_add_(0, indices, flat.float())
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(counts)
-            dist.all_reduce(sums)
+        all_reduce_sum(counts)
+        all_reduce_sum(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embedding_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.cluster_size.sum()

@@ -38,10 +38,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from simvq_scale import distributed as D
+from simvq_scale import distributed
 from simvq_scale import weights_only
 from simvq_scale.quant.stats import merge_usage_states, split_usage_state
 
+CHECKPOINT_DIR = "ckpt"  # in train.out_dir: both engines' checkpoints, one folder each
 TAG_PREFIX = "step"
 ENGINES = ("generator", "discriminator")
 TRAINER_STATE = "trainer_state.json"
@@ -131,7 +132,7 @@ def usage_sources(old_world: int, new_world: int, rank: int) -> tuple[list[int],
 
 class Checkpointer:
     def __init__(self, out_dir: str | Path, keep_last: int):
-        self.root = Path(out_dir) / "ckpt"
+        self.root = Path(out_dir) / CHECKPOINT_DIR
         self.keep_last = keep_last
         self.resume_from: tuple[Path, str] | None = None  # set by RunDir.open before the engines are built
 
@@ -140,16 +141,16 @@ class Checkpointer:
         tag = tag_for(step)
         engine_g.save_checkpoint(str(self.root / "generator"), tag=tag, client_state=client_state)
         engine_d.save_checkpoint(str(self.root / "discriminator"), tag=tag)
-        rank_file = self.root / "generator" / tag / f"rank_{D.rank()}.pt"
+        rank_file = self.root / "generator" / tag / f"rank_{distributed.rank()}.pt"
         torch.save(rank_state, rank_file)
-        if D.is_main():
+        if distributed.is_main():
             engines = {"generator": engine_g, "discriminator": engine_d}
-            state = {"step": step, "world_size": D.world_size(), "config": client_state["config"],
+            state = {"step": step, "world_size": distributed.world_size(), "config": client_state["config"],
                      "zero_stage": {name: int(e.zero_optimization_stage()) for name, e in engines.items()},
                      "shapes": {name: tensor_shapes(e.module) for name, e in engines.items()}}
             (self.root / "generator" / tag / TRAINER_STATE).write_text(json.dumps(state))
         dist.barrier()
-        if D.is_main():
+        if distributed.is_main():
             tmp = self.root / "latest.tmp"
             tmp.write_text(tag)
             os.replace(tmp, self.root / "latest")
@@ -172,7 +173,7 @@ class Checkpointer:
         its ZeRO partitions were cut for another world size (a stage-0 optimizer state is whole)."""
         if self.resume_from is None or zero_stage == 0:
             return False
-        return read_trainer_state(*self.resume_from)["world_size"] != D.world_size()
+        return read_trainer_state(*self.resume_from)["world_size"] != distributed.world_size()
 
     def deepspeed_config(self, zero_stage: int) -> dict:
         """What an engine's DeepSpeed config needs for the coming load (set before deepspeed.initialize)."""
@@ -195,20 +196,20 @@ class Checkpointer:
             client_state = client if name == "generator" else client_state
         if converted:
             dist.barrier()  # every rank has read the converted copy
-            if D.is_main():
+            if distributed.is_main():
                 shutil.rmtree(self.root / "universal", ignore_errors=True)
         return client_state, self._rank_state(root, tag, saved["world_size"])
 
     def _to_universal(self, root: Path, tag: str, engine: str, old_world: int) -> Path:
         """Rank 0 converts <root>/<engine>/<tag> into ckpt/universal (DeepSpeed's ds_to_universal); collective."""
         universal = self.root / "universal"
-        if D.is_main():
+        if distributed.is_main():
             source = root / engine / tag
             for file in sorted(source.glob("*.pt")):  # the converter unpickles fully: refuse crafted files first
                 load_deepspeed_file(file)
             target = universal / engine / tag
             shutil.rmtree(target, ignore_errors=True)
-            print(f"converting {source} (world size {old_world}) for world size {D.world_size()} "
+            print(f"converting {source} (world size {old_world}) for world size {distributed.world_size()} "
                   f"into {target} (DeepSpeed universal checkpoint)", flush=True)
             convert_to_universal(source, target)
         dist.barrier()
@@ -218,11 +219,11 @@ class Checkpointer:
     def _rank_state(root: Path, tag: str, old_world: int) -> dict | None:
         """This rank's state (usage window, loader position); at another world size the usage windows of
         the old ranks re-split onto the new ones."""
-        sources, part, parts = usage_sources(old_world, D.world_size(), D.rank())
+        sources, part, parts = usage_sources(old_world, distributed.world_size(), distributed.rank())
         files = [root / "generator" / tag / f"rank_{r}.pt" for r in sources]
         if not all(f.is_file() for f in files):
             return None
-        if old_world == D.world_size():
+        if old_world == distributed.world_size():
             return weights_only.load(files[0])  # this rank's own file: usage window and loader position
         # another world size: the usage windows re-split; loader positions do not carry over (the new
         # ranks read other slots of the shards), so the data stream starts its next pass

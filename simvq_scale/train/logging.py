@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+METRICS_FILE = "metrics.jsonl"  # in train.out_dir: one JSON line per log step
+TENSORBOARD_DIR = "tb"  # in train.out_dir: the TensorBoard event files
+
 
 class NoOpLogger:
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -59,8 +62,8 @@ class RunLogger(ConsoleLogger):
         from torch.utils.tensorboard import SummaryWriter
 
         out = Path(out_dir)
-        self.writer = SummaryWriter(log_dir=str(out / "tb"))
-        self.jsonl = (out / "metrics.jsonl").open("a", buffering=1)
+        self.writer = SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
+        self.jsonl = (out / METRICS_FILE).open("a", buffering=1)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from simvq_scale.config import Config
 from simvq_scale.data import ShardPatternError, expand_shards
-from simvq_scale.pretrained import lpips_weights_file
+from simvq_scale.modality import get_modality
 from simvq_scale.train.run_dir import RunDirError
 
 
@@ -34,8 +34,7 @@ def check_data(cfg: Config) -> None:
 
 def check_weights(cfg: Config) -> None:
     """The pretrained networks the losses load are on disk (WeightsNotFoundError, naming the setting)."""
-    if cfg.data.modality == "image" and cfg.loss.perceptual_weight > 0:
-        lpips_weights_file(cfg.loss.perceptual_weights)
+    get_modality(cfg.data.modality).check_pretrained(cfg)
 
 
 def check_output_folder(cfg: Config) -> None:

@@ -31,15 +31,18 @@ from pathlib import Path
 import torch.distributed as dist
 from torch import nn
 
-from simvq_scale import distributed as D
-from simvq_scale.config import Config, to_dict
-from simvq_scale.inference import EXPORT_NAME
-from simvq_scale.train.checkpoint import (ENGINES, MODEL_STATES, TAG_PREFIX, TRAINER_STATE, Checkpointer,
-                                          read_trainer_state, step_of, tag_for, tensor_shapes)
+from simvq_scale import distributed
+from simvq_scale.config import Config, dotted_items, to_dict
+from simvq_scale.inference import EXPORT_NAME, partial_export
+from simvq_scale.train.checkpoint import (CHECKPOINT_DIR, ENGINES, MODEL_STATES, TAG_PREFIX, TRAINER_STATE,
+                                          Checkpointer, read_trainer_state, step_of, tag_for, tensor_shapes)
+from simvq_scale.train.logging import METRICS_FILE, TENSORBOARD_DIR
 
 LOCK_NAME = "run.lock"
-METRICS_NAME = "metrics.jsonl"
-RUN_OUTPUTS = ("ckpt", "tb", METRICS_NAME, EXPORT_NAME, "generator_ema.tmp", "config.yaml")  # what --overwrite deletes
+CONFIG_FILE = "config.yaml"  # the resolved config the trainer writes in train.out_dir
+# what --overwrite deletes
+RUN_OUTPUTS = (CHECKPOINT_DIR, TENSORBOARD_DIR, METRICS_FILE, EXPORT_NAME, partial_export(Path(EXPORT_NAME)).name,
+               CONFIG_FILE)
 # Settings a resume must keep: the codebook is regenerated from its seed, not stored; a ZeRO stage
 # decides the checkpoint's layout. Settings under these prefixes build the networks, so they are named
 # when the tensor shapes differ.
@@ -64,8 +67,8 @@ def resolve_resume(resume: str | None, own_root: Path) -> tuple[Path, str] | Non
     if not path.exists():
         raise RunDirError(f"--resume {resume}: no such folder; pass a run folder, its ckpt/ folder or "
                           f"ckpt/generator/<tag>")
-    if (path / "ckpt" / "latest").is_file():
-        path = path / "ckpt"
+    if (path / CHECKPOINT_DIR / "latest").is_file():
+        path = path / CHECKPOINT_DIR
     if path.name in ENGINES and (path.parent / "latest").is_file():
         path = path.parent
     if (path / "latest").is_file() and all((path / engine).is_dir() for engine in ENGINES):
@@ -88,19 +91,9 @@ def _complete(root: Path, tag: str, what: str) -> tuple[Path, str]:
     return root, tag
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(saved: dict, now: dict) -> dict[str, tuple[object, object]]:
     """{dotted key: (checkpoint's value, new value)} of every setting that differs ('absent' if missing)."""
-    before, after = _flatten(saved), _flatten(now)
+    before, after = dotted_items(saved), dotted_items(now)
     return {k: (before.get(k, "absent"), after.get(k, "absent")) for k in sorted(before.keys() | after.keys())
             if before.get(k, "absent") != after.get(k, "absent")}
 
@@ -152,7 +145,7 @@ class RunDir:
         """Lock, check and prepare the folder (collective); returns the (root, tag) to resume or None."""
         shapes = {name: tensor_shapes(module) for name, module in networks.items()}
         outcome: tuple[str, object] | None = None
-        if D.is_main():
+        if distributed.is_main():
             try:
                 outcome = ("ok", self._decide(resume, overwrite, shapes))
             except OSError as e:  # a file the checks or the tidying could not read, write or delete
@@ -223,7 +216,7 @@ class RunDir:
         latest = self.checkpointer.root / "latest"
         holds = ([f"checkpoint {latest.read_text().strip()}"] if latest.is_file() else []) + \
                 ([EXPORT_NAME] if (self.out / EXPORT_NAME).exists() else [])
-        logs = [name for name in (METRICS_NAME, "tb") if name in present]
+        logs = [name for name in (METRICS_FILE, TENSORBOARD_DIR) if name in present]
         if holds and not overwrite:
             advice = "continue it with --resume auto, " if latest.is_file() else ""
             raise RunDirError(f"train.out_dir={self.out} holds a run ({', '.join(holds)}): {advice}start over with "
@@ -248,7 +241,7 @@ class RunDir:
             raise RunDirError(f"resuming step {step} in {self.out} would replace its later checkpoints "
                               f"{', '.join(finished)}: add --overwrite to discard them, or continue the latest "
                               f"with --resume auto")
-        removed = [p for p in (self.out / "generator_ema.tmp", root / "latest.tmp", root / "universal")
+        removed = [p for p in (partial_export(self.out / EXPORT_NAME), root / "latest.tmp", root / "universal")
                    if p.exists()]
         removed += [root / engine / tag for tag in later for engine in ENGINES if (root / engine / tag).exists()]
         for path in removed:
@@ -256,9 +249,9 @@ class RunDir:
         if finished:  # `latest` named one of them: point it at the resumed checkpoint
             (root / "latest.tmp").write_text(tag_for(step))
             os.replace(root / "latest.tmp", root / "latest")
-        dropped = truncate_metrics(self.out / METRICS_NAME, step)
+        dropped = truncate_metrics(self.out / METRICS_FILE, step)
         if removed or dropped:
-            gone = [str(p.relative_to(self.out)) for p in removed] + ([f"{dropped} row(s) of {METRICS_NAME} after "
+            gone = [str(p.relative_to(self.out)) for p in removed] + ([f"{dropped} row(s) of {METRICS_FILE} after "
                                                                        f"step {step}"] if dropped else [])
             print(f"resume: removed {', '.join(gone)}", flush=True)
 

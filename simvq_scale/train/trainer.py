@@ -36,7 +36,7 @@ from simvq_scale.train.engines import build_engine, compile_networks
 from simvq_scale.train.logging import ConsoleLogger, NoOpLogger, RunLogger, Stopwatch
 from simvq_scale.train.metrics import Metrics
 from simvq_scale.train.nonfinite import NonFiniteGuard
-from simvq_scale.train.run_dir import RunDir, resolve_resume
+from simvq_scale.train.run_dir import CONFIG_FILE, RunDir, resolve_resume
 from simvq_scale.train.state import TrainState
 
 
@@ -216,7 +216,7 @@ class Trainer:
         out = Path(cfg.train.out_dir)
         if distributed.is_main():
             out.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, out / "config.yaml")
+            dump_config(cfg, out / CONFIG_FILE)
             self.log = self.metrics.logger = RunLogger(out)
         dist.barrier()
         self.metrics.write_run_info()

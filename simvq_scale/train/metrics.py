@@ -93,7 +93,8 @@ TAGS: tuple[Tag, ...] = (
     Tag("quantizer/codebook_entropy", "entropy of the batch-averaged code distribution (nats)", ("lfq",)),
     # every train.images_every log steps
     Tag("W/singular_values", "W's singular values as a histogram", ("simvq",), "histogram"),
-    Tag("W/spectrum", "W's singular values sorted, on a log axis (the tail that W/rank counts)", ("simvq",), "image"),
+    Tag("W/spectrum", "W's singular values sorted, on a log axis, with the train.rank_rtol line W/rank counts above",
+        ("simvq",), "image"),
     Tag("codebook/rank_frequency", "code counts over the window sorted from the most used, log-log", (), "image"),
     Tag("recon/images", "the fixed batch (first validation images) above the EMA generator's reconstructions",
         ("image",), "image"),
@@ -106,25 +107,26 @@ TAGS: tuple[Tag, ...] = (
 TAG_NAMES = frozenset(t.name for t in TAGS)
 _BY_NAME = {t.name: t for t in TAGS}
 
-# The custom-scalars dashboard: category -> chart -> tags. A run's copy keeps the tags it writes (layout_for).
+# The custom-scalars dashboard: category -> chart -> tags. One tag per chart (several only where a run writes
+# one of them): the dashboard colours lines by run, not by tag, so two tags in one chart would look alike,
+# and runs compared in one TensorBoard keep a colour each. A run's copy keeps the tags it writes (layout_for).
 LAYOUT = {
     "codebook health": {
         "utilization (fraction of codes used)": ["codebook/utilization"], "perplexity": ["codebook/perplexity"],
         "dead codes": ["codebook/dead_codes"], "top-1% share of tokens": ["codebook/top1pct_share"],
-        "rank of W (at train.rank_rtol; fp32)": ["W/rank", "W/rank_fp32"], "effective rank of W": ["W/effective_rank"],
-        "norm of W": ["W/fro_norm"],
+        "rank of W (above train.rank_rtol x largest)": ["W/rank"], "effective rank of W": ["W/effective_rank"],
+        "strict rank of W (fp32 tolerance)": ["W/rank_fp32"], "norm of W": ["W/fro_norm"],
     },
     "losses": {
-        "generator": ["loss/total_g"],
-        "reconstruction (train, validation)": ["loss/recon", "val/recon", "loss/mel", "val/mel"],
-        "validation PSNR (dB)": ["val/psnr"],
+        "generator": ["loss/total_g"], "reconstruction (train)": ["loss/recon", "loss/mel"],
+        "reconstruction (validation, EMA)": ["val/recon", "val/mel"], "validation PSNR (dB)": ["val/psnr"],
         "perceptual / feature matching": ["loss/perceptual", "loss/feature_matching"],
-        "commitment": ["loss/commit"], "adversarial": ["loss/g_adv"],
+        "commitment": ["loss/commit"], "adversarial (generator)": ["loss/g_adv"],
+        "learning rate (G)": ["opt/lr_g"], "gradient norm (G)": ["opt/grad_norm_g"],
     },
     "discriminator": {
-        "loss": ["loss/d"], "logits (real, fake)": ["disc/logits_real", "disc/logits_fake"],
-        "learning rates (G, D)": ["opt/lr_g", "opt/lr_d"],
-        "gradient norms (G, D)": ["opt/grad_norm_g", "opt/grad_norm_d"],
+        "loss": ["loss/d"], "logit on real": ["disc/logits_real"], "logit on reconstructions": ["disc/logits_fake"],
+        "learning rate (D)": ["opt/lr_d"], "gradient norm (D)": ["opt/grad_norm_d"],
     },
     "performance": {
         "samples per second": ["perf/samples_per_s"], "step time (ms)": ["perf/step_ms"],
@@ -153,12 +155,20 @@ def layout_for(conditions: frozenset[str]) -> dict[str, dict[str, list[str]]]:
     return layout
 
 
+# Settings of how a run is run and watched, not of what it trains: left out of the HParams dashboard, which
+# shows the first five settings that differ between the runs it compares.
+OPERATIONAL_SETTINGS = frozenset({
+    "train.out_dir", "train.log_every", "train.images_every", "train.ckpt_every", "train.keep_last", "train.compile",
+    "train.compile_mode", "train.collective_timeout_s", "train.heartbeat_timeout_s", "data.workers",
+    "quantizer.search_chunk", "quantizer.search_impl"})
+
+
 def hparams_of(cfg: Config) -> dict[str, float | int | str | bool]:
-    """The resolved config flattened to dotted scalar keys (lists as text), for the HParams dashboard; the
-    sections of the other quantizer kinds and of the other modality's model, which the run does not use,
-    are left out."""
+    """The resolved config flattened to dotted scalar keys (lists as text), for the HParams dashboard;
+    without the sections of the other quantizer kinds and of the other modality's model, which the run
+    does not use, and without OPERATIONAL_SETTINGS (the whole config is in the `config` text)."""
     unused = {f"quantizer.{kind}" for kind in QUANTIZER_KINDS if kind != cfg.quantizer.kind}
-    unused |= {f"model.{name}" for name in modality_names() if name != cfg.data.modality}
+    unused |= {f"model.{name}" for name in modality_names() if name != cfg.data.modality} | OPERATIONAL_SETTINGS
     flat: dict = {}
 
     def walk(prefix: str, value) -> None:
@@ -252,7 +262,7 @@ class Metrics:
                            "W/effective_rank": spectrum["effective_rank"], "W/fro_norm": spectrum["frobenius_norm"]})
         self.logger.scalars(step, values)
         if images:
-            self._log_distributions(step, counts, spectrum)
+            self._log_distributions(step, counts, spectrum, round(values["codebook/utilization"] * counts.numel()))
         self._console(step, values)
         self.log_steps += 1
         self._start_interval()
@@ -276,15 +286,21 @@ class Metrics:
             figures["perf/mfu"] = tflops * 1e12 / self.peak_flops
         return figures
 
-    def _log_distributions(self, step: int, counts: torch.Tensor, spectrum: dict | None) -> None:
-        """The sorted per-code frequency (log-log) and W's sorted spectrum (log scale), as pictures."""
-        x, frequency = render.rank_frequency(counts)
-        self.logger.image(step, "codebook/rank_frequency",
-                          render.log_curve(frequency, "code count by rank (log rank axis)", x=x))
+    def _log_distributions(self, step: int, counts: torch.Tensor, spectrum: dict | None, used: int) -> None:
+        """The sorted per-code counts (log-log) and W's sorted spectrum (log scale), as pictures."""
+        ranks, frequency = render.rank_frequency(counts)
+        size = counts.numel()
+        self.logger.image(step, "codebook/rank_frequency", render.log_plot(
+            frequency, ranks, "code counts over the usage window, most used first", "rank of the code (log)",
+            x_log=True, counts=True, marks=(render.Mark("x", max(used, 1), f"{used:,} of {size:,} used"),)))
         if spectrum is not None:
-            self.logger.histogram(step, "W/singular_values", spectrum["singular_values"])
-            self.logger.image(step, "W/spectrum", render.log_curve(spectrum["singular_values"],
-                                                                    "singular values of W, sorted"))
+            s = spectrum["singular_values"]
+            rtol = self.cfg.train.rank_rtol
+            self.logger.histogram(step, "W/singular_values", s)
+            self.logger.image(step, "W/spectrum", render.log_plot(
+                s, torch.arange(1, s.numel() + 1), "singular values of W, largest first", "index",
+                marks=(render.Mark("y", rtol * float(s.max()), f"train.rank_rtol={rtol:g} x largest: "
+                                                               f"W/rank {spectrum['rank']}"),)))
 
     def eta_s(self, step: int) -> float:
         recent = sum(self._recent_step_s) / max(1, len(self._recent_step_s))

@@ -291,7 +291,7 @@ class Metrics:
         ranks, frequency = render.rank_frequency(counts)
         size = counts.numel()
         self.logger.image(step, "codebook/rank_frequency", render.log_plot(
-            frequency, ranks, "code counts over the usage window, most used first", "rank of the code (log)",
+            frequency, ranks, "code counts over the usage window, most used first", "rank of the code",
             x_log=True, counts=True, marks=(render.Mark("x", max(used, 1), f"{used:,} of {size:,} used"),)))
         if spectrum is not None:
             s = spectrum["singular_values"]
@@ -299,8 +299,7 @@ class Metrics:
             self.logger.histogram(step, "W/singular_values", s)
             self.logger.image(step, "W/spectrum", render.log_plot(
                 s, torch.arange(1, s.numel() + 1), "singular values of W, largest first", "index",
-                marks=(render.Mark("y", rtol * float(s.max()), f"train.rank_rtol={rtol:g} x largest: "
-                                                               f"W/rank {spectrum['rank']}"),)))
+                marks=(render.Mark("y", rtol * float(s.max()), f"rank_rtol {rtol:g}: W/rank {spectrum['rank']}"),)))
 
     def eta_s(self, step: int) -> float:
         recent = sum(self._recent_step_s) / max(1, len(self._recent_step_s))

@@ -1,7 +1,7 @@
 """Small pictures for TensorBoard, drawn without matplotlib (a demo/dev extra only): colour-mapped
 spectrograms with labels, and plots on a log axis with labelled ticks (W's sorted spectrum, the codes'
-rank-frequency). TensorBoard shows images scaled down to its card width (about 400 px), so the text is
-large and the pictures are about 640 px wide."""
+rank-frequency). TensorBoard shows images scaled down to its card width (340-440 px), so the pictures are
+480 px wide with large text and thick lines."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 # Anchors of matplotlib's "magma" colour map (black -> purple -> orange -> pale yellow), interpolated.
 _MAGMA = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
                    [250, 193, 39], [252, 253, 191]], dtype=np.float32) / 255.0
-FONT_SIZE = 15
+FONT_SIZE = 16
 _LINE = (31, 119, 180)  # the data
 _MARK = (214, 39, 40)  # a threshold or count drawn over it
 _GRID = (225, 225, 225)
@@ -84,8 +84,8 @@ def _x_ticks(low: float, high: float, log: bool) -> list[float]:
 
 
 def log_plot(y: torch.Tensor, x: torch.Tensor, title: str, x_label: str, x_log: bool = False,
-             marks: tuple[Mark, ...] = (), decades: int = 6, counts: bool = False, width: int = 640,
-             height: int = 300) -> torch.Tensor:
+             marks: tuple[Mark, ...] = (), decades: int = 6, counts: bool = False, width: int = 480,
+             height: int = 260) -> torch.Tensor:
     """A line plot of `y` (>= 0) against `x` (ascending), y on a log10 axis from the largest value down
     `decades` decades (smaller values, zeros included, drawn at the bottom), x linear or log; labelled
     ticks, the title on top, `marks` as red lines. `counts` (integers): the axis ends one decade below 1,
@@ -97,7 +97,7 @@ def log_plot(y: torch.Tensor, x: torch.Tensor, title: str, x_label: str, x_log: 
     top_decade = math.ceil(math.log10(top_value))
     bottom_decade = -1 if counts else top_decade - decades
     decades = top_decade - bottom_decade
-    left, right, above, below = 58, 24, text_h + 6, text_h + 22
+    left, right, above, below = 58, 28, text_h + 6, text_h + 22
     plot_w, plot_h = width - left - right, height - above - below
 
     def to_x(v: float) -> float:
@@ -125,15 +125,15 @@ def log_plot(y: torch.Tensor, x: torch.Tensor, title: str, x_label: str, x_log: 
     draw.rectangle([left, above, left + plot_w - 1, above + plot_h - 1], outline=(150, 150, 150))
     points = [(to_x(float(a)), to_y(float(b))) for a, b in zip(x, y)]
     if len(points) > 1:
-        draw.line(points, fill=_LINE, width=2)
+        draw.line(points, fill=_LINE, width=3, joint="curve")
     for mark in marks:
         if mark.axis == "y":
             row = to_y(mark.value)
-            draw.line([(left, row), (left + plot_w - 1, row)], fill=_MARK, width=1)
-            draw.text((left + plot_w - 4, row - 2), mark.label, fill=_MARK, font=font, anchor="rb")
+            draw.line([(left, row), (left + plot_w - 1, row)], fill=_MARK, width=2)
+            draw.text((left + 6, row - 2), mark.label, fill=_MARK, font=font, anchor="lb")
         else:
             col = to_x(mark.value)
-            draw.line([(col, above), (col, above + plot_h - 1)], fill=_MARK, width=1)
+            draw.line([(col, above), (col, above + plot_h - 1)], fill=_MARK, width=2)
             on_left = col > left + plot_w / 2  # the label on the side with room
             draw.text((col - 4 if on_left else col + 4, above + 4), mark.label, fill=_MARK, font=font,
                       anchor="ra" if on_left else "la")

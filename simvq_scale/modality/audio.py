@@ -65,7 +65,7 @@ class AudioModality(Modality):
         def panel(m):
             return colormap(((m.flip(0) - low) / (high - low).clamp(min=1e-6)))  # low frequencies at the bottom
 
-        panels = [(f"{name} {i} (log-mel)", panel(m[i])) for i in range(n)
+        panels = [(f"clip {i}: {name} (log-mel, time ->)", panel(m[i])) for i in range(n)
                   for name, m in (("input", mel), ("reconstruction", mel_hat))]
         logger.image(step, "recon/mel", labelled_rows(panels))
 

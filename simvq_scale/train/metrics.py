@@ -262,7 +262,7 @@ class Metrics:
                            "W/effective_rank": spectrum["effective_rank"], "W/fro_norm": spectrum["frobenius_norm"]})
         self.logger.scalars(step, values)
         if images:
-            self._log_distributions(step, counts, spectrum, round(values["codebook/utilization"] * counts.numel()))
+            self._log_distributions(step, counts, spectrum, counts.numel() - int(values["codebook/dead_codes"]))
         self._console(step, values)
         self.log_steps += 1
         self._start_interval()

@@ -38,9 +38,11 @@ def colormap(gray: torch.Tensor) -> np.ndarray:
     return _MAGMA[low] * (1 - frac) + _MAGMA[low + 1] * frac
 
 
-def labelled_rows(panels: list[tuple[str, np.ndarray]]) -> torch.Tensor:
-    """Stack (label, (H, W, 3) RGB in [0, 1]) panels vertically, each under a text label and separated by
-    a white line; returns a (3, H, W) tensor for SummaryWriter.add_image."""
+def labelled_rows(panels: list[tuple[str, np.ndarray]], min_width: int = 480) -> torch.Tensor:
+    """Stack (label, (H, W, 3) RGB in [0, 1]) panels vertically, each under a text label; a narrow panel
+    (half a second of log-mel is ~50 frames) is widened by repeating its columns to at least `min_width`.
+    Returns a (3, H, W) tensor for SummaryWriter.add_image."""
+    panels = [(label, np.repeat(p, -(-min_width // p.shape[1]), axis=1)) for label, p in panels]
     width = max(p.shape[1] for _, p in panels)
     rows = []
     for label, panel in panels:

@@ -165,8 +165,9 @@ def validation_worker(rank, world_size, demo_data, samples):
         batches.append(tuple(x.shape))
         return x.flip(-1) * 0.5
 
+    rng = torch.get_rng_state()
     figures = validation.run(20, reconstruct, lines.append)
-    return {"figures": figures, "batches": batches, "lines": lines,
+    return {"figures": figures, "batches": batches, "lines": lines, "rng_kept": torch.equal(rng, torch.get_rng_state()),
             "due": [s for s in range(1, 51) if validation.due(s)]}
 
 
@@ -190,6 +191,7 @@ def test_validation_reads_the_first_samples_once_at_any_world_size(demo_data):
                 assert r["figures"][tag] == pytest.approx(value, rel=1e-5), (world, tag)
             assert r["batches"] == results[0]["batches"] and all(b[0] == 2 for b in r["batches"])
             assert r["due"] == [20, 40, 50]  # every val_every steps and at the last
+            assert r["rng_kept"]  # training's random numbers (dropout) do not depend on validating
         assert any("validation at step 20:" in line for line in results[0]["lines"])
     few = run_distributed(validation_worker, 1, demo_data, 10_000, timeout_s=300)[0]
     assert "fewer than train.val_samples=10000" in few["lines"][0]

@@ -151,7 +151,10 @@ class ShardLoader:
         else:  # a new evaluation pass: its workers count from zero again
             self._earlier_counts = Counter(self.skipped())
             self._worker_counts = {}
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers,
+        # an evaluation pass draws its workers' base seed from a generator of its own, not torch's global one
+        # (which training's dropout uses): validating during training leaves the training's random numbers alone
+        generator = None if isinstance(self.stream, TrainStream) else torch.Generator()
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers, generator=generator,
                             pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.workers else None)
         produced = 0
         for batch in loader:

@@ -238,8 +238,9 @@ class Trainer:
                 self.log.console(f"first step done ({time.perf_counter() - t0:.1f} s{', compiling' if self.compiled else ''})")
                 first = False
             step = self.state.step
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                self._log(step)
+            validate = self.validation is not None and self.validation.due(step)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps or validate:
+                self._log(step, validate)
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
                 self.save()
         self.log.console(f"done: step {self.state.step}, run folder {cfg.train.out_dir}")
@@ -247,7 +248,7 @@ class Trainer:
         if self.run_dir is not None:
             self.run_dir.close()
 
-    def _log(self, step: int) -> None:
+    def _log(self, step: int, validate: bool = False) -> None:
         """The log step: every rank reduces (one collective), rank 0 writes."""
         images = self.metrics.log_steps % self.cfg.train.images_every == 0
         host = {"opt/lr_g": self.engine_g.get_lr()[0], "opt/lr_d": self.engine_d.get_lr()[0],
@@ -256,7 +257,7 @@ class Trainer:
         counters = {"data/skipped_samples": torch.tensor(float(self.loader.skipped_total()), device=self.device),
                     "train/nonfinite_losses": self.guard.count,
                     "quantizer/search_fallbacks": self.quantizer.search_fallbacks}
-        if self.validation is not None and self.validation.due(step):  # its own collective; joins this row
+        if validate:  # its own collective; its figures join this row
             started = time.perf_counter()
             host |= self.validation.run(step, self.reconstruct, self.log.console)
             self.metrics.leave_out(time.perf_counter() - started)

@@ -155,8 +155,7 @@ def layout_for(conditions: frozenset[str]) -> dict[str, dict[str, list[str]]]:
     return layout
 
 
-# Settings of how a run is run and watched, not of what it trains: left out of the HParams dashboard, which
-# shows the first five settings that differ between the runs it compares.
+# Settings of how a run is run and watched, not of what it trains: left out of the HParams dashboard.
 OPERATIONAL_SETTINGS = frozenset({
     "train.out_dir", "train.log_every", "train.images_every", "train.ckpt_every", "train.keep_last", "train.compile",
     "train.compile_mode", "train.collective_timeout_s", "train.heartbeat_timeout_s", "data.workers",
@@ -206,7 +205,13 @@ class Metrics:
         import yaml
 
         self.logger.layout(layout_for(self.conditions))
-        self.logger.text("config", "```yaml\n" + yaml.safe_dump(to_dict(self.cfg), sort_keys=False) + "```")
+        class ListsOnOneLine(yaml.SafeDumper):  # [8, 8, 8, 5, 5, 5] rather than six lines
+            pass
+
+        ListsOnOneLine.add_representer(list, lambda dumper, value: dumper.represent_sequence(
+            "tag:yaml.org,2002:seq", value, flow_style=True))
+        config = yaml.dump(to_dict(self.cfg), Dumper=ListsOnOneLine, sort_keys=False)
+        self.logger.text("config", "```yaml\n" + config + "```")
         self.logger.hparams(hparams_of(self.cfg), [t for t in HPARAMS_METRICS if _BY_NAME[t].applies(self.conditions)])
 
     def leave_out(self, seconds: float) -> None:

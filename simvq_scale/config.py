@@ -277,6 +277,11 @@ class TrainConfig:
     log_every: int = 50
     images_every: int = 10  # log steps between pictures (reconstructions, code frequencies, W's spectrum)
     rank_rtol: float = 1e-2  # W/rank counts singular values above rank_rtol * the largest
+    # Validation (val/ tags): every val_every steps and at the last step (each also a log step), the EMA
+    # generator's reconstruction figures on the first val_samples samples of data.val_shards, each read once
+    # across ranks; 0 = off.
+    val_every: int = 0
+    val_samples: int = 256
     ckpt_every: int = 1000
     keep_last: int = 3
     nan_policy: str = "skip"  # skip | stop
@@ -338,6 +343,10 @@ class Config:
                 f"train.log_every={t.log_every}, ckpt_every={t.ckpt_every} and images_every={t.images_every} "
                 "must be > 0")
         require(0.0 < t.rank_rtol < 1.0, f"train.rank_rtol={t.rank_rtol} must be in (0, 1)")
+        require(t.val_every >= 0 and t.val_samples > 0,
+                f"train.val_every={t.val_every} must be >= 0 (0 = off) and train.val_samples={t.val_samples} > 0")
+        require(not t.val_every or self.data.val_shards, f"train.val_every={t.val_every} needs data.val_shards "
+                "(set the validation shards, or train.val_every=0 to switch validation off)")
         require(t.collective_timeout_s > 0, f"train.collective_timeout_s={t.collective_timeout_s} must be > 0")
         require(0 <= t.heartbeat_timeout_s < t.collective_timeout_s,
                 f"train.heartbeat_timeout_s={t.heartbeat_timeout_s} must be >= 0 (0 = off) and below "

@@ -157,7 +157,7 @@ def test_plain_python_run_writes_every_tag_and_a_loadable_export(demo_data, tmp_
     for tag in TAGS:
         assert tag in tags["scalars"], tag
     assert "W/singular_values" in tags["histograms"]
-    assert "recon/val" in tags["images"]
+    assert "recon/images" in tags["images"]
     assert (out / "config.yaml").exists() and (out / "ckpt" / "latest").exists()
     export = torch.load(out / "generator_ema.pt", weights_only=False)
     assert export["step"] == 2 and export["config"]["quantizer"]["codebook_size"] == 256

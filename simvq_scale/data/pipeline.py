@@ -18,6 +18,7 @@ shard pattern that matches nothing raises ShardPatternError at build time, namin
 from __future__ import annotations
 
 import hashlib
+import itertools
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -150,7 +151,10 @@ class ShardLoader:
         else:  # a new evaluation pass: its workers count from zero again
             self._earlier_counts = Counter(self.skipped())
             self._worker_counts = {}
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers,
+        # an evaluation pass draws its workers' base seed from a generator of its own, not torch's global one
+        # (which training's dropout uses): validating during training leaves the training's random numbers alone
+        generator = None if isinstance(self.stream, TrainStream) else torch.Generator()
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers, generator=generator,
                             pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.workers else None)
         produced = 0
         for batch in loader:
@@ -176,8 +180,11 @@ def build_train_loader(cfg: DataConfig, batch_size: int, rank: int, world_size: 
     return ShardLoader(TrainStream(cfg, shards, batch_size, rank, world_size), cfg.workers)
 
 
-def build_eval_loader(cfg: DataConfig, shards: str, batch_size: int, rank: int, world_size: int) -> ShardLoader:
-    """Finite loader of {"x", "key", "mask": (B,) bool, False for padding} over every sample of `shards` once.
+def build_eval_loader(cfg: DataConfig, shards: str, batch_size: int, rank: int, world_size: int,
+                      max_samples: int | None = None) -> ShardLoader:
+    """Finite loader of {"x", "key", "mask": (B,) bool, False for padding} over every sample of `shards` once
+    (with `max_samples`: over the first max_samples in shard order, or all when there are fewer; the same
+    samples at any world size, and the shards' later samples are never read).
 
     The samples are split between ranks (and their workers) in contiguous ranges; every rank yields
     `len(loader)` batches, the same number on every rank. The split needs every shard's sample count: local
@@ -188,5 +195,10 @@ def build_eval_loader(cfg: DataConfig, shards: str, batch_size: int, rank: int, 
     _check_setup(cfg, batch_size, rank, world_size)
     urls = expand_shards(shards)
     counts, found = count_shards(urls)
+    if max_samples is not None:
+        if max_samples < 1:
+            raise ValueError(f"max_samples={max_samples} must be >= 1")
+        before = itertools.accumulate(counts, initial=0)  # samples in the shards before each one
+        counts = [min(n, max(0, max_samples - b)) for n, b in zip(counts, before)]
     stream = EvalStream(cfg, urls, counts, batch_size, rank, world_size)
     return ShardLoader(stream, cfg.workers, stream.batches_per_rank(max(cfg.workers, 1)), found)

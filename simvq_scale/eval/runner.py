@@ -43,18 +43,9 @@ def limited_eval_loader(data: DataConfig, shards: str, batch_size: int, rank: in
                         max_samples: int | None = None) -> ShardLoader:
     """build_eval_loader over the first `max_samples` samples of `shards` in shard order (all when None),
     so that the evaluated set does not depend on the number of ranks."""
-    loader = build_eval_loader(data, shards, batch_size, rank, world_size)
-    if max_samples is not None:
-        if max_samples < 1:
-            raise ValueError(f"--max-samples={max_samples} must be >= 1")
-        stream = loader.stream  # the per-shard sample counts define the split: cut them to the first N
-        remaining, counts = max_samples, []
-        for n in stream.counts:
-            counts.append(min(n, remaining))
-            remaining -= counts[-1]
-        stream.counts = counts
-        loader.num_batches = stream.batches_per_rank(max(data.workers, 1))
-    return loader
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"--max-samples={max_samples} must be >= 1")
+    return build_eval_loader(data, shards, batch_size, rank, world_size, max_samples)
 
 
 def _valid(batch: dict, device: torch.device) -> tuple[torch.Tensor, list[str]]:

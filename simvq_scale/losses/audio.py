@@ -43,6 +43,11 @@ def mel_loss(log_mel: nn.Module, x: torch.Tensor, x_hat: torch.Tensor) -> torch.
     return F.l1_loss(log_mel(x_hat), log_mel(x))
 
 
+def mel_l1_per_clip(log_mel: nn.Module, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """(B,) mean |log-mel(x) - log-mel(x_hat)| of each clip (mel_loss per clip, for validation)."""
+    return (log_mel(x_hat) - log_mel(x)).abs().flatten(1).mean(1)
+
+
 def hinge_generator_loss(logits: list[torch.Tensor]) -> torch.Tensor:
     """Mean over sub-discriminators of mean relu(1 - D(x_hat)) (the Vocos/WavTokenizer generator term)."""
     return torch.stack([F.relu(1.0 - l.float()).mean() for l in logits]).mean()

@@ -144,6 +144,12 @@ class AudioModality(Modality):
         def panel(m):
             return colormap(((m.flip(0) - low) / (high - low).clamp(min=1e-6)))  # low frequencies at the bottom
 
-        panels = [(f"{name} {i} (log-mel)", panel(m[i])) for i in range(n)
+        panels = [(f"clip {i}: {name} (log-mel, time ->)", panel(m[i])) for i in range(n)
                   for name, m in (("input", mel), ("reconstruction", mel_hat))]
         logger.image(step, "recon/mel", labelled_rows(panels))
+
+    def validation_figures(self, x, x_hat, objective):
+        """val/mel: L1 between log-mel spectrograms (loss/mel's measure), per clip."""
+        from simvq_scale.losses.audio import mel_l1_per_clip
+
+        return {"val/mel": mel_l1_per_clip(objective.log_mel, x.float(), x_hat.float())}

@@ -100,6 +100,11 @@ class Modality(abc.ABC):
                             cfg: Config, objective: nn.Module) -> None:
         """Write inputs beside their (EMA) reconstructions to TensorBoard."""
 
+    @abc.abstractmethod
+    def validation_figures(self, x: torch.Tensor, x_hat: torch.Tensor, objective: nn.Module) -> dict[str, torch.Tensor]:
+        """Per-sample reconstruction figures of a validation batch: {tag under val/: (B,) tensor}. The
+        trainer averages each over the real (unpadded) samples of all ranks (train/validation.py)."""
+
 
 _REGISTRY: dict[str, Modality] = {}
 

@@ -124,4 +124,12 @@ class ImageModality(Modality):
 
         n = min(RECON_GRID_IMAGES, x.shape[0])
         grid = torchvision.utils.make_grid(torch.cat([x[:n].float(), x_hat[:n].float()]).add(1).div(2), nrow=n)
-        logger.image(step, "recon/val", grid)
+        logger.image(step, "recon/images", grid)
+
+    def validation_figures(self, x, x_hat, objective):
+        """val/recon: L1 in [-1, 1] units (loss/recon's measure) and val/psnr: PSNR on [0, 1] in dB (the
+        evaluation's), per image."""
+        from simvq_scale.eval.image import psnr_per_image
+
+        x, x_hat = x.float(), x_hat.float()
+        return {"val/recon": (x - x_hat).abs().flatten(1).mean(1), "val/psnr": psnr_per_image(x, x_hat)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -84,8 +85,11 @@ class RunLogger(ConsoleLogger):
         self.writer.add_text(tag, text, 0)
 
     def layout(self, layout: dict[str, dict[str, list[str]]]) -> None:
-        """TensorBoard's custom-scalars dashboard: category -> chart title -> the tags drawn in it."""
-        self.writer.add_custom_scalars({category: {title: ["Multiline", tags] for title, tags in charts.items()}
+        """TensorBoard's custom-scalars dashboard: category -> chart title -> the tags drawn in it (each as an
+        anchored regular expression: the dashboard matches a chart's entries as regexes from the tag's start,
+        so a bare "W/rank" would draw W/rank_fp32 as well)."""
+        self.writer.add_custom_scalars({category: {title: ["Multiline", [f"^{re.escape(t)}$" for t in tags]]
+                                                   for title, tags in charts.items()}
                                         for category, charts in layout.items()})
 
     def hparams(self, hparams: dict[str, float | int | str | bool], metric_tags: list[str]) -> None:

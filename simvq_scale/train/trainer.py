@@ -38,6 +38,7 @@ from simvq_scale.train.metrics import Metrics
 from simvq_scale.train.nonfinite import NonFiniteGuard
 from simvq_scale.train.run_dir import CONFIG_FILE, RunDir, resolve_resume
 from simvq_scale.train.state import TrainState
+from simvq_scale.train.validation import Validation
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -83,6 +84,8 @@ class Trainer:
 
         self.loader = build_train_loader(cfg.data, self.micro_batch * self.accumulation, self.rank, self.world)
         self.recon_batch = self._fixed_batch()
+        self.validation = Validation(cfg, self.modality, self.objective, device, self.micro_batch, self.rank,
+                                     self.world, self.log.console) if cfg.train.val_every else None
         if self.quantizer.init_from_data and found is None:  # a resume takes W and b from the checkpoint
             self._init_quantizer_from_data()
         self.log.console(f"opened the data ({watch.lap():.1f} s)")
@@ -235,8 +238,9 @@ class Trainer:
                 self.log.console(f"first step done ({time.perf_counter() - t0:.1f} s{', compiling' if self.compiled else ''})")
                 first = False
             step = self.state.step
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                self._log(step)
+            validate = self.validation is not None and self.validation.due(step)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps or validate:
+                self._log(step, validate)
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
                 self.save()
         self.log.console(f"done: step {self.state.step}, run folder {cfg.train.out_dir}")
@@ -244,7 +248,7 @@ class Trainer:
         if self.run_dir is not None:
             self.run_dir.close()
 
-    def _log(self, step: int) -> None:
+    def _log(self, step: int, validate: bool = False) -> None:
         """The log step: every rank reduces (one collective), rank 0 writes."""
         images = self.metrics.log_steps % self.cfg.train.images_every == 0
         host = {"opt/lr_g": self.engine_g.get_lr()[0], "opt/lr_d": self.engine_d.get_lr()[0],
@@ -253,6 +257,10 @@ class Trainer:
         counters = {"data/skipped_samples": torch.tensor(float(self.loader.skipped_total()), device=self.device),
                     "train/nonfinite_losses": self.guard.count,
                     "quantizer/search_fallbacks": self.quantizer.search_fallbacks}
+        if validate:  # its own collective; its figures join this row
+            started = time.perf_counter()
+            host |= self.validation.run(step, self.reconstruct, self.log.console)
+            self.metrics.leave_out(time.perf_counter() - started)
         values = self.metrics.log(step, counters, host, self.quantizer.projection_weight(), images)
         self.skip_report.publish(step, self.loader, values["data/skipped_samples"], self.log.console)  # collective
         self.guard.verdict(int(values["train/nonfinite_losses"]), step)
@@ -260,11 +268,15 @@ class Trainer:
             self._log_reconstructions(step)
 
     @torch.no_grad()
-    def _log_reconstructions(self, step: int) -> None:
-        """EMA reconstructions of the fixed batch: every rank runs the model (the quantizer may be collective)."""
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The EMA generator's reconstruction of a batch (every rank calls it: the quantizer may be collective)."""
         with self._autocast():
-            x_hat, _ = self.state.ema.module(self.recon_batch)
-        self.modality.log_reconstructions(self.log, step, self.recon_batch, x_hat, self.cfg, self.objective)
+            return self.state.ema.module(self.to_device(x))[0]
+
+    def _log_reconstructions(self, step: int) -> None:
+        """EMA reconstructions of the fixed batch."""
+        self.modality.log_reconstructions(self.log, step, self.recon_batch, self.reconstruct(self.recon_batch),
+                                          self.cfg, self.objective)
 
     # ------------------------------------------------------------------ state
 

@@ -100,6 +100,9 @@ class GrayModality(Modality):
     def log_reconstructions(self, logger, step, x, x_hat, cfg, objective):
         logger.image(step, "recon/gray", torch.cat([x[0], x_hat[0].float()], dim=-1).add(1).div(2))
 
+    def validation_figures(self, x, x_hat, objective):
+        return {"val/recon": (x.float() - x_hat.float()).abs().flatten(1).mean(1)}
+
 
 def gray_config(demo_data, *more):
     return load_config(ROOT / "configs" / "image_demo.yaml",

@@ -43,7 +43,7 @@ from simvq_scale.data.decode import to_mono_at_rate
 from simvq_scale.data.shards import shard_pattern, walk_sorted
 from simvq_scale.data.tars import iter_samples
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path("../shared/data")  # this project's development data, beside the checkout it is run from
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BASELINE = {"image shards": "ImageFolder", "audio shards": "audio folder", "tar walker": "wds tarfile_samples"}
 

@@ -36,8 +36,7 @@ import torch
 
 from simvq_scale.quant import search_triton
 from simvq_scale.quant.search import SCORE_BLOCK_ELEMENTS, nearest_code_torch, squared_norms
-
-from search_check import check_main, fp64_excess, fp64_optimum  # tools/search_check.py, next to this file
+from simvq_scale.tools.search_check import check_main, fp64_excess, fp64_optimum
 
 ALL_IMPLS = ("full", "torch_fp32", "torch_tf32", "torch_bf16", "triton")
 

@@ -29,12 +29,10 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import torch
 
-import torch  # noqa: E402
-
-from simvq_scale import distributed  # noqa: E402
-from simvq_scale.config import ConfigError, load_config  # noqa: E402
+from simvq_scale import distributed
+from simvq_scale.config import CONFIG_HELP, ConfigError, load_config
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -151,7 +149,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("--config", required=True, help=CONFIG_HELP)
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="overrides for every variant, e.g. train.global_batch=64")
     parser.add_argument("--baseline", action="append", type=parse_variant, default=[], metavar="NAME:K=V,K=V",

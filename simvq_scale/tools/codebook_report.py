@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Codebook report of a tokenizer over a shard set: how often each code is chosen, and the spectrum of W.
 
     python tools/codebook_report.py --checkpoint runs/image_65k --data 'val/imagenet-val-*.tar' --out report/

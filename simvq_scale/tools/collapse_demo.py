@@ -112,7 +112,7 @@ def plot(path: str, curve: list[tuple[int, float]], quantizer, features: torch.T
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
         "feature_mse": mse / features.numel(), "seconds": round(time.perf_counter() - start, 2),
     }
     print(json.dumps(result), flush=True)
-    return result
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

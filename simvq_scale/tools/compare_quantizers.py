@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Rerun the paper's Table 1 with this trainer on any data: several quantizers (or `--set` variants) with one
 config, on the same shards for the same steps; each EMA export evaluated on held-out shards; a Markdown
-table, a CSV and plots.
+table, a CSV and plots. Installed as `simvq-compare-quantizers`.
 
     python tools/compare_quantizers.py --config configs/image_demo.yaml --out runs/table1_demo \
         --skip lpips_vgg,lpips_alex,rfid                   # offline: no metric weights (reported unavailable)
@@ -19,12 +18,12 @@ the table), LC the features of --lc-features (or the config's) or else k-means c
 data's token-sized pieces made offline by tools/make_lc_features.py (OUT/lc_features/). Options of one kind
 (e.g. quantizer.simvq.init_from_data) are inert for the others.
 
-Each run is `python launch/train.py --config CONFIG --set ... train.out_dir=OUT/NAME --resume auto`, its
-console teed to OUT/NAME/train.log, then `python tools/eval_recon.py` on its generator_ema.pt over
---val-shards (default: data.val_shards) into OUT/NAME/eval.json (log: eval.log). Runs go one after another,
-or one per GPU with --gpus 0,1,... (CUDA_VISIBLE_DEVICES; the rest queued). The same command again keeps
-finished runs and evaluations and continues unfinished runs from their last checkpoint; a run folder made
-with other settings is refused.
+Each run is `python -m simvq_scale.tools.train --config CONFIG --set ... train.out_dir=OUT/NAME --resume auto`
+(simvq-train), its console teed to OUT/NAME/train.log, then `python -m simvq_scale.tools.eval_recon`
+(simvq-eval) on its generator_ema.pt over --val-shards (default: data.val_shards) into OUT/NAME/eval.json
+(log: eval.log). Runs go one after another, or one per GPU with --gpus 0,1,... (CUDA_VISIBLE_DEVICES; the
+rest queued). The same command again keeps finished runs and evaluations and continues unfinished runs from
+their last checkpoint; a run folder made with other settings is refused.
 
 Writes OUT/table.md, OUT/table.csv, OUT/utilization.png, OUT/recon_loss.png and, when runs have a W,
 OUT/w_rank_norm.png (numerical rank, effective rank and Frobenius norm of W against steps: the paper's Fig. 4).
@@ -44,6 +43,7 @@ import queue
 import re
 import shlex
 import shutil
+import site
 import subprocess
 import sys
 import threading
@@ -54,16 +54,14 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing, as launch/train.py does
-
-from simvq_scale.config import QUANTIZER_KINDS, ConfigError, dotted_items, load_config, to_dict  # noqa: E402
-from simvq_scale.data import ShardPatternError, expand_shards  # noqa: E402
-from simvq_scale.eval.comparison import (PlottingUnavailable, RunRecord, comparison_note,  # noqa: E402
+import simvq_scale
+from simvq_scale.config import QUANTIZER_KINDS, ConfigError, dotted_items, load_config, to_dict
+from simvq_scale.data import ShardPatternError, expand_shards
+from simvq_scale.eval.comparison import (PlottingUnavailable, RunRecord, comparison_note,
                                          last_logged, markdown_table, pyplot, read_eval, write_csv, write_plots)
-from simvq_scale.inference import EXPORT_NAME  # noqa: E402
-from simvq_scale.train.checkpoint import CHECKPOINT_DIR  # noqa: E402
-from simvq_scale.train.run_dir import CONFIG_FILE  # noqa: E402
+from simvq_scale.inference import EXPORT_NAME
+from simvq_scale.train.checkpoint import CHECKPOINT_DIR
+from simvq_scale.train.run_dir import CONFIG_FILE
 
 # Every config key this tool reads or writes, in one table. The kind-specific quantizer options are moving
 # into per-kind sections (quantizer.fsq.levels, quantizer.lc.features, ...): change the right-hand sides then.
@@ -82,9 +80,13 @@ KEYS = {
 }
 TABLE1_KINDS = ("vq", "vq_ema", "fc", "fsq", "lfq", "lc", "simvq")  # the paper's Table 1, in its order
 
-TRAIN = REPO / "launch" / "train.py"
-EVAL = REPO / "tools" / "eval_recon.py"
-MAKE_LC_FEATURES = REPO / "tools" / "make_lc_features.py"
+# the commands each run is made of, run as `python -m MODULE` so they work from an installed package
+TRAIN = "simvq_scale.tools.train"
+EVAL = "simvq_scale.tools.eval_recon"
+MAKE_LC_FEATURES = "simvq_scale.tools.make_lc_features"
+# where this process imported simvq_scale from: its children must import the same one (a checkout run uninstalled,
+# a --target folder, an editable install)
+PACKAGE_PARENT = str(Path(simvq_scale.__file__).resolve().parents[1])
 FSQ_TARGET_LEVEL = 8  # levels per channel near the FSQ paper's recommended 5-8
 FSQ_MAX_LEVEL = 64  # a prime factor of K above this makes no sensible FSQ channel
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -332,7 +334,8 @@ class Runner:
     def child_env(self, gpu: str | None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+        if PACKAGE_PARENT not in (*site.getsitepackages(), site.getusersitepackages()):  # those every child has
+            env["PYTHONPATH"] = os.pathsep.join([PACKAGE_PARENT, *filter(None, [env.get("PYTHONPATH")])])
         env["PYTHONUNBUFFERED"] = "1"
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -376,7 +379,7 @@ class Runner:
                 return True
             log_path = path.with_suffix(".log")
             self.console.say(who, f"making LC features {path} (log {log_path})")
-            cmd = [sys.executable, str(MAKE_LC_FEATURES), "--config", self.args.config, "--out", str(path),
+            cmd = [sys.executable, "-m", MAKE_LC_FEATURES, "--config", self.args.config, "--out", str(path),
                    "--set", *run.overrides]
             rc = self.logged(cmd, log_path, env, who)
             if rc != 0:
@@ -395,7 +398,7 @@ class Runner:
             log_path = run_dir / "train.log"
             self.console.say(who, f"training {record.kind} (K={record.codebook_size:,}, {record.steps:,} steps) "
                                   f"on {device}; log {log_path}")
-            cmd = [sys.executable, str(TRAIN), "--config", self.args.config, "--resume", "auto",
+            cmd = [sys.executable, "-m", TRAIN, "--config", self.args.config, "--resume", "auto",
                    "--set", *run.overrides]
             start = time.time()
             rc = self.logged(cmd, log_path, env, who)
@@ -415,7 +418,7 @@ class Runner:
         else:
             log_path = run_dir / "eval.log"
             self.console.say(who, f"evaluating on {self.args.val_shards} (log {log_path})")
-            cmd = [sys.executable, str(EVAL), "--checkpoint", str(run_dir), *self.eval_args,
+            cmd = [sys.executable, "-m", EVAL, "--checkpoint", str(run_dir), *self.eval_args,
                    "--out", str(run_dir / "eval.json"), "--no-progress"]
             rc = self.logged(cmd, log_path, env, who)
             if rc != 0:
@@ -486,7 +489,8 @@ def write_report(args, runs: list[PlannedRun], shared: dict) -> list[Path]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the one run config every run starts from")
+    parser.add_argument("--config", required=True,
+                        help="the one run config every run starts from (a file, or a packaged config by name)")
     parser.add_argument("--out", required=True, type=Path, help="folder of the runs (OUT/NAME), table and plots")
     parser.add_argument("--kinds", default="", help=f"comma-separated quantizer kinds (default without --variant: "
                         f"{','.join(TABLE1_KINDS)})")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Evaluate a tokenizer's reconstructions over an evaluation shard set: codebook utilization as the
 paper defines it (fraction of the K codes used at least once over the set), perplexity, and
   images: PSNR (mean of per-image values), SSIM (the paper's convention unless --ssim-convention says otherwise),

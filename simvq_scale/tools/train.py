@@ -1,10 +1,12 @@
-"""Train a SimVQ tokenizer: the one entry point.
+"""Train a SimVQ tokenizer: the one entry point, installed as `simvq-train`.
 
-    python launch/train.py --config configs/image_demo.yaml            # one process, no launcher
+    simvq-train --config image_demo                                     # one process; a packaged config by name
+    python launch/train.py --config configs/image_demo.yaml             # the same from a checkout
     torchrun --nproc-per-node 8 launch/train.py --config configs/image_65k.yaml
     deepspeed --hostfile hosts launch/train.py --config configs/audio_262k.yaml
-    python launch/train.py --config FILE --set quantizer.codebook_size=262144 optim.lr=2e-4 --resume auto
-    python launch/train.py --config FILE --dry-run                      # validate, build, print one JSON line
+    deepspeed --num_gpus 8 --module simvq_scale.tools.train --config image_65k   # a launcher without a checkout
+    simvq-train --config FILE --set quantizer.codebook_size=262144 optim.lr=2e-4 --resume auto
+    simvq-train --config FILE --dry-run                                 # validate, build, print one JSON line
 
 Exit codes (a user error is one line on stderr, naming the file, setting or path and what to do):
     0 done   1 unexpected error (with its traceback)   2 config   3 data   4 pretrained weights
@@ -18,18 +20,15 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from simvq_scale import distributed  # noqa: E402
-from simvq_scale.config import ConfigError, load_config  # noqa: E402
-from simvq_scale.data import ShardPatternError  # noqa: E402
-from simvq_scale.pretrained import WeightsNotFoundError  # noqa: E402
-from simvq_scale.train.heartbeat import Heartbeat  # noqa: E402
-from simvq_scale.train.preflight import check_inputs  # noqa: E402
-from simvq_scale.train.run_dir import RunDirError  # noqa: E402
-from simvq_scale.weights_only import FileLoadError  # noqa: E402
+from simvq_scale import distributed
+from simvq_scale.config import CONFIG_HELP, ConfigError, load_config
+from simvq_scale.data import ShardPatternError
+from simvq_scale.pretrained import WeightsNotFoundError
+from simvq_scale.train.heartbeat import Heartbeat
+from simvq_scale.train.preflight import check_inputs
+from simvq_scale.train.run_dir import RunDirError
+from simvq_scale.weights_only import FileLoadError
 
 # exit codes of the errors a user can act on (the heartbeat ends a process with EXIT_RANK_LOST = 7 itself)
 EXIT_CODES = [(ConfigError, 2), (ShardPatternError, 3), (WeightsNotFoundError, 4), (RunDirError, 5),
@@ -38,7 +37,7 @@ EXIT_CODES = [(ConfigError, 2), (ShardPatternError, 3), (WeightsNotFoundError, 4
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    parser.add_argument("--config", required=True, help=CONFIG_HELP)
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="dotted overrides applied after the file, e.g. train.steps=100")
     parser.add_argument("--resume", default=None,

@@ -2,10 +2,12 @@
 this checkout (`pip wheel --no-deps`), installed into a fresh folder outside it (`pip install --no-deps --target`)
 and used from another directory with only that folder on the path (this environment gives the dependencies):
 every module of simvq_scale imports from there, every command answers --help, and the installed
-`simvq-make-demo-data` and `simvq-train --config image_demo --dry-run` run."""
+`simvq-make-demo-data`, `simvq-train --config image_demo --dry-run` and `simvq-compare-quantizers` (whose runs are
+`python -m` children) run."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from launch_utils import clean_env
+from test_compare_quantizers import OFFLINE_EVAL, TINY
 
 from simvq_scale.config import PACKAGED_CONFIGS, ConfigError, config_file, load_config
 
@@ -132,7 +135,7 @@ def test_the_wheel_alone_imports_every_module_and_answers_every_command(installe
 
 
 @pytest.mark.slow
-def test_the_installed_commands_make_the_demo_data_and_dry_run_the_packaged_demo(installed, tmp_path):
+def test_the_installed_commands_make_the_demo_data_dry_run_the_demo_and_compare_quantizers(installed, tmp_path):
     env = outside(installed, tmp_path)
     made = run([str(installed / "bin" / "simvq-make-demo-data"), "--out", "demo_data"], tmp_path, env)
     assert made.returncode == 0, made.stderr[-3000:]
@@ -144,3 +147,13 @@ def test_the_installed_commands_make_the_demo_data_and_dry_run_the_packaged_demo
     packaged = yaml.safe_load((ROOT / "configs" / "image_demo.yaml").read_text())
     assert described["codebook_size"] == packaged["quantizer"]["codebook_size"]
     assert described["global_batch"] == packaged["train"]["global_batch"] and described["world_size"] == 1
+    # the comparison's children (LC features, training, evaluation) are modules of the installed package
+    compared = run([str(installed / "bin" / "simvq-compare-quantizers"), "--config", "image_demo", "--out", "cmp",
+                    "--kinds", "simvq,lc", "--codebook-size", "256", "--steps", "2", "--no-plots", "--set", *TINY,
+                    *OFFLINE_EVAL], tmp_path, env)
+    assert compared.returncode == 0, compared.stdout[-2000:] + compared.stderr[-2000:]
+    with (tmp_path / "cmp" / "table.csv").open() as table:
+        assert [(row["run"], row["status"]) for row in csv.DictReader(table)] == [("simvq", "ok"), ("lc", "ok")]
+    logs = [tmp_path / "cmp" / "simvq" / "train.log", tmp_path / "cmp" / "simvq" / "eval.log",
+            *tmp_path.glob("cmp/lc_features/*.log")]
+    assert len(logs) == 3 and all(" -m simvq_scale.tools." in log.read_text() for log in logs)

@@ -15,7 +15,7 @@ Runs: --kinds (default: the paper's Table 1 set, vq, vq_ema, fc, fsq, lfq, lc, s
 both, every kind runs every variant (named KIND-NAME). Each kind gets what it needs at its size: FSQ levels
 whose product is K (unless a --set gives them), LFQ only at a power of two (otherwise skipped, the reason in
 the table), LC the features of --lc-features (or the config's) or else k-means centres of the training
-data's token-sized pieces made offline by tools/make_lc_features.py (OUT/lc_features/). Options of one kind
+data's token-sized pieces made offline by simvq-make-lc-features (OUT/lc_features/). Options of one kind
 (e.g. quantizer.simvq.init_from_data) are inert for the others.
 
 Each run is `python -m simvq_scale.tools.train --config CONFIG --set ... train.out_dir=OUT/NAME --resume auto`
@@ -189,7 +189,7 @@ def kind_options(kind: str, overrides: list[str], config: dict, args) -> tuple[l
             check_features(lookup(config, KEYS["lc_features"]), k, KEYS["lc_features"])
         else:
             sets.append(f"{KEYS['lc_features']}={features_path(args.out, config)}")
-            notes.append("features: k-means of training pieces (tools/make_lc_features.py)")
+            notes.append("features: k-means of training pieces (simvq-make-lc-features)")
             make = True
     return sets, notes, "", make
 
@@ -466,11 +466,11 @@ def caption(args, shared: dict, records: list[RunRecord]) -> str:
     devices = sorted({r.device for r in records if r.device})
     return (f"Runs of `{args.config}` ({lookup(shared, KEYS['modality'])}; "
             f"{'/'.join(f'{s:,}' for s in steps)} steps, global batch {lookup(shared, KEYS['global_batch'])}), "
-            f"trained on `{lookup(shared, KEYS['train_shards'])}`; each EMA export evaluated by tools/eval_recon.py "
+            f"trained on `{lookup(shared, KEYS['train_shards'])}`; each EMA export evaluated by simvq-eval "
             f"on `{args.val_shards}` ({'/'.join(map(str, samples)) or 'no'} samples); "
             f"device: {'; '.join(devices) or 'not recorded'}. Utilization and perplexity count the codes chosen over "
             f"the evaluation set; {comparison_note(lookup(shared, KEYS['modality']))}. "
-            "Made by tools/compare_quantizers.py.")
+            "Made by simvq-compare-quantizers.")
 
 
 def write_report(args, runs: list[PlannedRun], shared: dict) -> list[Path]:
@@ -504,11 +504,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpus", default="", help="one run per listed GPU at a time, e.g. 0,1,2,3 "
                         "(default: one run at a time on the default device)")
     parser.add_argument("--lc-features", default="", help="(K, features) .npy for LC (default: the config's "
-                        "quantizer.lc_features, else made from the training data by tools/make_lc_features.py)")
+                        "quantizer.lc_features, else made from the training data by simvq-make-lc-features)")
     parser.add_argument("--val-shards", default="", help="evaluation shards (default: the config's data.val_shards)")
     parser.add_argument("--no-plots", action="store_true", help="write the table and CSV only (no matplotlib needed)")
     parser.add_argument("--dry-run", action="store_true", help="print the planned runs and their state; run nothing")
-    evaluation = parser.add_argument_group("evaluation (passed to tools/eval_recon.py)")
+    evaluation = parser.add_argument_group("evaluation (passed to simvq-eval)")
     evaluation.add_argument("--skip", default="", help="metrics not to compute, e.g. lpips_vgg,lpips_alex,rfid")
     evaluation.add_argument("--lpips-vgg", default="")
     evaluation.add_argument("--lpips-alex", default="")

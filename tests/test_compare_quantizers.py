@@ -237,7 +237,7 @@ def test_three_quantizers_on_demo_shards_make_a_table_read_back_from_their_runs(
         series = read_metrics(out / name)
         assert float(csv_rows[name]["train_utilization"]) == series["codebook/utilization"][-1][1]
         assert [s for s, _ in series["loss/recon"]] == [1, 2]
-    assert "levels [8, 8, 4]" in rows["fsq"][-1] and "make_lc_features" in rows["lc"][-1]
+    assert "levels [8, 8, 4]" in rows["fsq"][-1] and "simvq-make-lc-features" in rows["lc"][-1]
     assert "rFID unavailable: skipped (--skip)" in table
     for png in ("utilization.png", "recon_loss.png", "w_rank_norm.png"):  # simvq and lc have a W, fsq has none
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

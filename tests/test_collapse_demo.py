@@ -1,20 +1,16 @@
-"""tools/collapse_demo.py end to end, in-process at small sizes: SimVQ uses more of its codebook than VQ."""
+"""The collapse demo (simvq-collapse-demo) end to end, in-process at small sizes: SimVQ uses more of its codebook
+than VQ."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-DEMO = Path(__file__).resolve().parents[1] / "tools" / "collapse_demo.py"
+from simvq_scale.tools import collapse_demo
 
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("collapse_demo", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return collapse_demo
 
 
 def run(demo, capsys, quantizer: str) -> dict:

@@ -1,8 +1,8 @@
-"""tools/compare_quantizers.py: the plan each kind gets, refusals a user can act on, and (slow) a real comparison
-of three quantizers on the demo shards whose table, CSV and plots are read back against the runs' own files."""
+"""The quantizer comparison (simvq-compare-quantizers): the plan each kind gets, refusals a user can act on, and
+(slow) a real comparison of three quantizers on the demo shards whose table, CSV and plots are read back against
+the runs' own files."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from simvq_scale.eval.comparison import read_metrics
+from simvq_scale.tools import compare_quantizers, make_lc_features
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_CONFIG = str(REPO / "configs" / "image_demo.yaml")
@@ -28,17 +29,9 @@ OFFLINE_EVAL = ["--skip", "lpips_vgg,lpips_alex,rfid", "--max-samples", "8", "--
                 "--eval-workers", "0"]
 
 
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def tool():
-    return load("compare_quantizers")
+    return compare_quantizers
 
 
 def shard_sets(demo_data: dict, modality: str = "image") -> list[str]:
@@ -186,7 +179,7 @@ def test_a_run_is_finished_only_with_an_export_written_after_its_last_step(tool,
 
 
 def test_lc_pieces_are_the_token_patches_and_kmeans_reaches_a_fixed_point():
-    make = load("make_lc_features")
+    make = make_lc_features
     from simvq_scale.config import load_config
 
     cfg = load_config(IMAGE_CONFIG, ["model.image.channel_mult=[1,2,2]"])  # 4x4 pixels per token
@@ -244,7 +237,7 @@ def test_three_quantizers_on_demo_shards_make_a_table_read_back_from_their_runs(
         series = read_metrics(out / name)
         assert float(csv_rows[name]["train_utilization"]) == series["codebook/utilization"][-1][1]
         assert [s for s, _ in series["loss/recon"]] == [1, 2]
-    assert "levels [8, 8, 4]" in rows["fsq"][-1] and "make_lc_features" in rows["lc"][-1]
+    assert "levels [8, 8, 4]" in rows["fsq"][-1] and "simvq-make-lc-features" in rows["lc"][-1]
     assert "rFID unavailable: skipped (--skip)" in table
     for png in ("utilization.png", "recon_loss.png", "w_rank_norm.png"):  # simvq and lc have a W, fsq has none
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

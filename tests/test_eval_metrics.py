@@ -115,7 +115,7 @@ def test_missing_default_weights_make_metrics_unavailable_and_explicit_paths_fai
     assert set(evaluator.unavailable) == {"lpips_vgg", "lpips_alex", "rfid"}
     for metric, option in (("lpips_vgg", "--lpips-vgg"), ("lpips_alex", "--lpips-alex"), ("rfid", "--fid-inception")):
         reason = evaluator.unavailable[metric]
-        assert reason.startswith("unavailable") and option in reason and "fetch_metric_weights.py" in reason
+        assert reason.startswith("unavailable") and option in reason and "simvq-fetch-weights" in reason
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     evaluator.update(x, x)
     figures = evaluator.compute()  # PSNR/SSIM still computed; nothing faked for the missing networks

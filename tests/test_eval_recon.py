@@ -101,7 +101,7 @@ def test_eval_recon_refuses_a_missing_explicit_weights_file(tiny_runs, demo_data
                              "--lpips-vgg", str(missing), "--max-samples", "2", "--workers", "0"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert f"--lpips-vgg={missing}" in result.stderr and "fetch_metric_weights.py" in result.stderr
+    assert f"--lpips-vgg={missing}" in result.stderr and "simvq-fetch-weights" in result.stderr
 
 
 def test_codebook_report_counts_every_token_and_plots(tiny_runs, demo_data, tmp_path):

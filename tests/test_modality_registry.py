@@ -7,7 +7,6 @@ registered at import, so spawned workers (which import this module to find their
 """
 
 import contextlib
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -20,6 +19,7 @@ from dist_utils import run_distributed
 from simvq_scale.config import ConfigError, load_config, require
 from simvq_scale.eval.evaluator import Evaluator, MeanSums
 from simvq_scale.modality import Modality, get_modality, modality_names, register_modality
+from simvq_scale.tools import reconstruct, train
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAY = "gray"
@@ -167,23 +167,18 @@ def test_the_reconstruct_tool_reads_writes_and_scores_its_files(gray_tokenizer, 
 
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(photo)
-    spec = importlib.util.spec_from_file_location("reconstruct_tool", ROOT / "tools" / "reconstruct.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    assert tool.main(["--checkpoint", gray_tokenizer.source, str(photo), "--out", str(tmp_path / "out")]) == 0
+    assert reconstruct.main(["--checkpoint", gray_tokenizer.source, str(photo), "--out", str(tmp_path / "out")]) == 0
     recon = np.load(tmp_path / "out" / "photo.recon.npy")
     assert recon.shape == (1, 32, 32) and np.abs(recon).max() <= 1
     assert "256 codes, MAE " in capsys.readouterr().out  # 32 x 32 pixels over 2 x 2: 16 x 16 tokens
 
 
 def _launch(argv: list[str]) -> tuple[int, str]:
-    """launch/train.py's main in this process (where the gray modality is registered): (exit code, stdout)."""
-    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "launch" / "train.py")
-    entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(entry)
+    """The trainer's main (simvq-train, launch/train.py) in this process (where the gray modality is registered):
+    (exit code, stdout)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = entry.main(argv)
+        code = train.main(argv)
     return code, out.getvalue()
 
 

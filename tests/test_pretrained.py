@@ -30,7 +30,7 @@ def test_missing_lpips_weights_name_the_setting_and_the_fetch_command(monkeypatc
         PerceptualLoss()  # default path: the weights dir
     message = str(err.value)
     assert "loss.perceptual_weights" in message
-    assert "tools/fetch_metric_weights.py" in message
+    assert "simvq-fetch-weights --out" in message
     assert str(tmp_path / "empty" / "lpips_vgg16_features.pth") in message
     with pytest.raises(FileNotFoundError, match="loss.perceptual_weights"):
         load_lpips("vgg", str(tmp_path / "nope.pth"))

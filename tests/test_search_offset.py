@@ -27,10 +27,9 @@ from simvq_scale.quant.search import nearest_code_torch
 from simvq_scale.quant.sharded import ShardedCodebook
 from simvq_scale.quant.simvq import SimVQ
 from simvq_scale.quant.vq import VQ
+from simvq_scale.tools.search_check import fp64_excess
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-from search_check import fp64_excess  # noqa: E402 - tools/ holds the exactness yardsticks
 
 OFFSETS = [30.0, 300.0, 3000.0]
 K, DIM, TOKENS, SEED = 1000, 16, 96, 5

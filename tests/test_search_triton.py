@@ -22,9 +22,7 @@ from torch.utils._pytree import tree_leaves
 from simvq_scale.quant import search_triton
 from simvq_scale.quant.nearest import nearest_code
 from simvq_scale.quant.search import nearest_code_torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from search_check import fp64_excess  # noqa: E402 - tools/ holds the exactness yardsticks
+from simvq_scale.tools.search_check import fp64_excess
 
 pytestmark = pytest.mark.skipif(search_triton.triton is None, reason="Triton is not installed")
 

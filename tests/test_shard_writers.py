@@ -13,8 +13,7 @@ from PIL import Image
 from simvq_scale.data.audio_sources import AudioLayoutError, shard_audio
 from simvq_scale.data.image_sources import LayoutError, shard_images
 from simvq_scale.data.tars import iter_samples
-
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+from simvq_scale.tools import make_demo_data
 
 
 def _jpeg(rng, size=(40, 30)) -> bytes:
@@ -174,10 +173,7 @@ def test_real_photos_and_speech(shared_data, tmp_path):
     assert json.loads(first["json"])["duration_s"] == pytest.approx(sf.info(source).duration, abs=1e-3)
 
 
-def test_demo_tool_builds_readable_labelled_sets(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(TOOLS))
-    import make_demo_data
-
+def test_demo_tool_builds_readable_labelled_sets(tmp_path):
     out = tmp_path / "demo"
     assert make_demo_data.main(["--out", str(out), "--train-crops", "3", "--val-crops", "1", "--clips", "2",
                                 "--crop-size", "64", "--no-espeak"]) == 0

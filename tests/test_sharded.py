@@ -6,9 +6,7 @@ distributed case (`_worker`) and the tests read its cached results.
 
 import datetime
 import functools
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,9 +26,7 @@ from simvq_scale.quant.sharded import (
     unpack_index,
 )
 from simvq_scale.quant.simvq import LocalCodebook, SimVQ
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from search_check import check_main, check_token_counts, check_tokens, planted_codes  # noqa: E402 - tools/ harness
+from simvq_scale.tools.search_check import check_main, check_token_counts, check_tokens, planted_codes
 
 # ---------------------------------------------------------------- key packing
 

@@ -1,12 +1,10 @@
-"""Yardsticks for the exact nearest-code search, shared by tools/bench_search.py and the tests.
+"""Yardsticks for the exact nearest-code search, shared by the search benchmark (bench_search.py) and the tests.
 
 - fp64_optimum / fp64_excess: the fp64 optimum per token and how far a chosen code is from it,
   with the few-fp32-ulp slack an exact fp32 search may lose;
 - check_main: the sharded search on spawned gloo CPU processes against one process, on data with
   planted ties across shards (planted_codes, check_tokens) and an uneven token split
   (check_token_counts) that leaves rank 0 empty.
-
-Not part of the package: bench_search.py imports it from its own folder; tests put tools/ on sys.path.
 """
 
 from __future__ import annotations

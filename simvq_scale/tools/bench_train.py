@@ -1,0 +1,205 @@
+"""Benchmark the real training step: the Trainer's train_step, a default and baseline variants, one process.
+
+    python tools/bench_train.py --config configs/image_262k.yaml --steps 30
+    python tools/bench_train.py --config configs/image_262k.yaml --set quantizer.codebook_size=1048576 \\
+        --baseline eager-fp32:train.compile=false,train.precision=fp32
+    python tools/bench_train.py --config configs/audio_262k.yaml --set train.global_batch=20 --steps 30
+
+Each variant builds the real Trainer (models, quantizer, both DeepSpeed engines, the metrics) from the
+config plus its overrides, and times `Trainer.train_step` (G step, D step, EMA update) on synthetic
+batches already on the device (images uniform in [-1, 1]; audio 0.1 N(0, 1) clipped, as the reference
+harness feeds them), so the figure is the step, not the loader; `--data real` feeds the config's shards
+through the real loader instead (its wait is then part of the step). The first `--warmup` steps (compile,
+cuDNN autotuning) are excluded; the timed steps run back to back and are measured between two device
+synchronizations. Printed: a table and one JSON line per variant with samples_per_s (audio: seconds of
+audio per second as well), step_ms, peak_mem_gib (max allocated over the variant), model_tflops_per_gpu
+and mfu by the trainer's FLOP count, compile_s (the warm-up steps' time above the steady step time),
+first_step_s, and the default/baseline ratio. The default variant is the config as given; each
+--baseline NAME:KEY=VALUE,KEY=VALUE adds a variant (e.g. today's eager path). Runs on one process
+(world size 1; plain python, no launcher); CPU works for a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from simvq_scale import distributed
+from simvq_scale.config import CONFIG_HELP, ConfigError, load_config
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, overrides = text.partition(":")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--baseline {text!r} is not NAME:KEY=VALUE[,KEY=VALUE...]")
+    return name, [item for item in overrides.split(",") if item]
+
+
+def synthetic_batch(trainer, generator: torch.Generator) -> torch.Tensor:
+    shape = (trainer.micro_batch * trainer.accumulation, *trainer.sample_shape)
+    if len(shape) == 4:  # images in [-1, 1]
+        return torch.rand(shape, generator=generator, device=trainer.device) * 2 - 1
+    return (0.1 * torch.randn(shape, generator=generator, device=trainer.device)).clamp(-1, 1)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_variant(name: str, config: str, overrides: list[str], args, device: torch.device) -> dict:
+    from simvq_scale.train.trainer import Trainer
+
+    cfg = load_config(config, [*args.set, *overrides, f"train.out_dir={args.out_dir}/{name}"])
+    cfg.validate(distributed.world_size())
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    print(f"[{name}] building the trainer ({' '.join(overrides) or 'the config as given'}) ...", flush=True)
+    trainer = Trainer(cfg, device)
+    trainer.engine_g.train()
+    trainer.engine_d.train()
+    generator = torch.Generator(device=device).manual_seed(0)
+    pool = [trainer.to_device(synthetic_batch(trainer, generator)) for _ in range(4)]
+    batches = iter(trainer.loader) if args.data == "real" else None
+
+    def batch(i: int) -> torch.Tensor:
+        if batches is None:
+            return pool[i % len(pool)]
+        return trainer.to_device(next(batches)["x"])
+
+    warmup_times = []
+    for i in range(args.warmup):
+        start = time.perf_counter()
+        trainer.train_step(batch(i))
+        synchronize(device)
+        warmup_times.append(time.perf_counter() - start)
+        print(f"[{name}] warm-up step {i + 1}/{args.warmup}: {warmup_times[-1]:.2f} s", flush=True)
+    synchronize(device)
+    start = time.perf_counter()
+    for i in range(args.steps):
+        trainer.train_step(batch(i))
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    if args.profile:  # a few more steps under the profiler, after (and apart from) the timed ones
+        profile_steps(trainer, batch, name, args, device)
+    step_s = elapsed / args.steps
+    samples = cfg.train.global_batch
+    unit = trainer.modality.samples_per_unit(cfg.data)
+    tflops = samples * trainer.flops_per_sample / step_s / 1e12
+    from simvq_scale.train.flops import peak_flops
+    from simvq_scale.train.metrics import max_memory_gib
+
+    peak = peak_flops(device)
+    row = {
+        "variant": name, "overrides": overrides, "modality": cfg.data.modality,
+        "codebook_size": cfg.quantizer.codebook_size, "batch": samples,
+        "precision": "bf16" if trainer.bf16 else "fp32", "compile": trainer.compiled,
+        "samples_per_s": samples / step_s, "units_per_s": samples * unit / step_s,
+        "unit": trainer.modality.sample_noun, "step_ms": 1000 * step_s,
+        "peak_mem_gib": max_memory_gib(device), "model_tflops_per_gpu": tflops,
+        "mfu": tflops * 1e12 / peak if peak else None,
+        "first_step_s": warmup_times[0] if warmup_times else None,
+        "compile_s": sum(t - step_s for t in warmup_times) if warmup_times else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "steps": args.steps, "warmup": args.warmup, "data": args.data,
+    }
+    del trainer, pool, batches
+    gc.collect()
+    return row
+
+
+def profile_steps(trainer, batch, name: str, args, device: torch.device) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for i in range(args.profile_steps):
+            trainer.train_step(batch(i))
+        synchronize(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort, row_limit=args.profile_rows)
+    folder = Path(args.profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.txt").write_text(table)
+    print(f"[{name}] profile of {args.profile_steps} steps ({folder / name}.txt):\n{table}", flush=True)
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'variant':<18} {'K':>9} {'batch':>5} {'prec':>4} {'comp':>4} {'units/s':>9} {'step ms':>8} "
+            f"{'mem GiB':>7} {'TFLOP/s':>7} {'MFU':>5} {'first s':>7} {'vs default':>10}")
+    base = rows[0]["units_per_s"]
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        lines.append(f"{r['variant']:<18} {r['codebook_size']:>9} {r['batch']:>5} {r['precision']:>4} "
+                     f"{'yes' if r['compile'] else 'no':>4} {r['units_per_s']:>9.1f} {r['step_ms']:>8.1f} "
+                     f"{r['peak_mem_gib']:>7.1f} {r['model_tflops_per_gpu']:>7.1f} {mfu:>5} "
+                     f"{r['first_step_s'] or 0:>7.1f} {base / r['units_per_s']:>9.2f}x")
+    lines.append(f"units: {rows[0]['unit']} per second; device: {rows[0]['device']}; 'vs default' = first row / variant")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=CONFIG_HELP)
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="overrides for every variant, e.g. train.global_batch=64")
+    parser.add_argument("--baseline", action="append", type=parse_variant, default=[], metavar="NAME:K=V,K=V",
+                        help="a variant measured after the default in the same process (repeatable)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    parser.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
+    parser.add_argument("--out-dir", default="runs/bench_train", help="run folders of the variants (nothing is written "
+                                                                      "there unless a variant logs or saves)")
+    parser.add_argument("--profile", default="", metavar="DIR",
+                        help="after timing, profile --profile-steps more steps of each variant (table per variant)")
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-rows", type=int, default=40)
+    parser.add_argument("--json", default="", help="also append the JSON lines to this file")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error(f"--steps {args.steps} must be >= 1 and --warmup {args.warmup} >= 0")
+    try:
+        load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    device = distributed.init_distributed()
+    if distributed.world_size() != 1:
+        print("error: bench_train times one process; run it without a launcher", file=sys.stderr)
+        return 2
+    rows = []
+    failed = 0
+    for name, overrides in [("default", []), *args.baseline]:
+        try:
+            row = run_variant(name, args.config, overrides, args, device)
+        except Exception as error:  # noqa: BLE001 - one variant's failure must not lose the others' figures
+            failed += 1
+            print(f"[{name}] FAILED: {type(error).__name__}: {str(error).splitlines()[0][:300]}", flush=True)
+            traceback.print_exc()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        row["default_over_variant"] = (rows[0] if rows else row)["units_per_s"] / row["units_per_s"]
+        rows.append(row)
+        line = json.dumps({"bench": "train", **row})
+        print(line, flush=True)  # each variant as soon as it is measured: a later failure loses nothing
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(line + "\n")
+    if rows:
+        print(format_table(rows), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

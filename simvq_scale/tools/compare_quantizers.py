@@ -22,8 +22,9 @@ Each run is `python -m simvq_scale.tools.train --config CONFIG --set ... train.o
 (simvq-train), its console teed to OUT/NAME/train.log, then `python -m simvq_scale.tools.eval_recon`
 (simvq-eval) on its generator_ema.pt over --val-shards (default: data.val_shards) into OUT/NAME/eval.json
 (log: eval.log). Runs go one after another, or one per GPU with --gpus 0,1,... (CUDA_VISIBLE_DEVICES; the
-rest queued). The same command again keeps finished runs and evaluations and continues unfinished runs from
-their last checkpoint; a run folder made with other settings is refused.
+rest queued; a GPU listed twice takes two runs at once). The same command again keeps finished runs and
+evaluations and continues unfinished runs from their last checkpoint; a run folder made with other settings is
+refused.
 
 Writes OUT/table.md, OUT/table.csv, OUT/utilization.png, OUT/recon_loss.png and, when runs have a W,
 OUT/w_rank_norm.png (numerical rank, effective rank and Frobenius norm of W against steps: the paper's Fig. 4).
@@ -501,7 +502,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="overrides for every run, as for launch/train.py")
     parser.add_argument("--codebook-size", type=int, default=0, help="K for every run (default: the config's)")
     parser.add_argument("--steps", type=int, default=0, help="training steps of every run (overrides train.steps)")
-    parser.add_argument("--gpus", default="", help="one run per listed GPU at a time, e.g. 0,1,2,3 "
+    parser.add_argument("--gpus", default="", help="one run per listed GPU at a time, e.g. 0,1,2,3; a GPU "
+                        "listed n times runs n at once, e.g. 0,0,0,0 for small runs on one large card "
                         "(default: one run at a time on the default device)")
     parser.add_argument("--lc-features", default="", help="(K, features) .npy for LC (default: the config's "
                         "quantizer.lc_features, else made from the training data by simvq-make-lc-features)")
@@ -521,8 +523,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.steps < 0 or args.codebook_size < 0 or args.max_samples < 0:
         parser.error("--steps, --codebook-size and --max-samples must be >= 0")
     gpus = [g.strip() for g in args.gpus.split(",")] if args.gpus else []
-    if any(not g for g in gpus) or len(set(gpus)) != len(gpus):
-        parser.error(f"--gpus {args.gpus!r}: a comma-separated list of distinct GPU ids, e.g. 0,1,2,3")
+    if any(not g for g in gpus):
+        parser.error(f"--gpus {args.gpus!r}: a comma-separated list of GPU ids, e.g. 0,1,2,3 (or 0,0 for two "
+                     "runs at once on GPU 0)")
     return args
 
 

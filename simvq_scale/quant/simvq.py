@@ -63,7 +63,7 @@ class SimVQ(Quantizer):
         self.init_from_data = init_from_data
         self.codebook = codebook or LocalCodebook(codebook_size, dim, seed, train_codebook, chunk_size, search_impl)
         self.proj = nn.Linear(dim, dim, bias=bias)  # W: the only trained part of the codes
-        # quantizer.simvq.standardize_tokens: the search runs on standardized tokens (quant/standardize.py)
+        # quantizer.simvq.standardize_tokens: the tokens are searched (and committed) standardized
         self.standardizer = None if standardize_momentum is None else RunningStandardizer(dim, standardize_momentum)
 
     @torch.no_grad()
@@ -104,27 +104,20 @@ class SimVQ(Quantizer):
         tokens = flat.detach().float()
         return self.codebook.search(tokens if origin is None else tokens - origin, codes, self.search_fallbacks)
 
-    def codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """The codes of flat `indices` in the tokens' units: C W^T + b, mapped back from the standardized frame
-        when the tokens are searched standardized (what the decoder and the commitment loss see)."""
-        q = self.project(self.codebook.lookup(indices))
-        return q if self.standardizer is None else self.standardizer.unstandardize(q)
-
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         flat = z.reshape(-1, self.dim)
-        searched = flat
         if self.standardizer is not None:
             if self.training:
                 self.standardizer.update(flat)  # collective: every rank runs the same forwards
-            searched = self.standardizer(flat)
-        indices = self.nearest(searched)
-        q = self.codes(indices)
+            flat = self.standardizer(flat)
+        indices = self.nearest(flat)
+        q = self.project(self.codebook.lookup(indices))
         loss = commitment_loss(flat.float(), q, self.beta)
         z_q = straight_through(flat.float(), q).to(z.dtype).reshape(z.shape)
         return QuantizerOutput(z_q, indices.reshape(z.shape[:-1]), loss)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.codes(indices.reshape(-1)).reshape(*indices.shape, self.dim)
+        return self.project(self.codebook.lookup(indices.reshape(-1))).reshape(*indices.shape, self.dim)
 
     def projection_weight(self) -> torch.Tensor:
         return self.proj.weight

@@ -1,13 +1,11 @@
-"""Tokens standardized per dimension by running moments of the training tokens, for the code search.
+"""Tokens standardized per dimension by running moments of the training tokens, before the code search.
 
 Why: a SEANet encoder's tokens drift together while the decoder is still learning the average spectrum
 (their spread falls far below the codes' spacing), and every token then picks one code until the decoder
-starts to use them. Searched standardized, tokens keep unit spread per dimension whatever the encoder's
-scale, so the codes (C W^T + b, which W learns as before) keep covering them. The chosen code is mapped back
-to the tokens' units (`unstandardize`), so the decoder's input and the commitment loss keep their scale: in
-the tokens' units the codes are (C W^T + b) * std + mean, following the tokens' running moments. The moments
-are constants to autograd and the same in training and inference (as BatchNorm's running statistics in eval
-mode): a token's code never depends on the other samples of its batch, and the export carries them as buffers.
+starts to use them. Standardized tokens keep unit spread per dimension whatever the encoder's scale, so the
+codes (C W^T + b, which W learns as before) keep covering them. The moments are constants to autograd and the
+same in training and inference (as BatchNorm's running statistics in eval mode): a token's code never
+depends on the other samples of its batch, and the export carries the moments as buffers.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from simvq_scale.distributed import all_reduce_sum
 
 
 class RunningStandardizer(nn.Module):
-    """(z - mean) / sqrt(var + eps) per dimension and back; `update(tokens)` folds in a batch's moments (collective)."""
+    """(z - mean) / sqrt(var + eps) per dimension; `update(tokens)` folds in a batch's moments (collective)."""
 
     def __init__(self, dim: int, momentum: float, eps: float = 1e-12):
         super().__init__()
@@ -44,7 +42,3 @@ class RunningStandardizer(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return (z.float() - self.mean) * torch.rsqrt(self.var + self.eps)
-
-    def unstandardize(self, q: torch.Tensor) -> torch.Tensor:
-        """Standardized rows back in the tokens' units (fp32)."""
-        return q.float() * torch.sqrt(self.var + self.eps) + self.mean

@@ -45,14 +45,8 @@ class SimVQOptions:
     # start W, b so the projected codes have the first batch's per-dimension mean and spread;
     # an encoder whose tokens barely differ at init (SEANet) otherwise sends every token to one code
     init_from_data: bool = False
-    # search standardized tokens, (z - mean) / std per dimension by running moments of the training tokens
-    # (quant/standardize.py): their spread cannot fall below the codes' spacing while the decoder ignores them
-    standardize_tokens: bool = False
-    standardize_momentum: float = 0.1  # weight of each step's moments in the running ones
 
     def check(self, q: "QuantizerConfig") -> None:
-        require(0 < self.standardize_momentum <= 1,
-                f"quantizer.simvq.standardize_momentum={self.standardize_momentum} must be in (0, 1]")
         require(not (self.train_codebook and q.shard.group != "none"),
                 f"quantizer.simvq.train_codebook=true with quantizer.shard.group={q.shard.group!r}: a sharded "
                 "codebook is frozen (regenerated from the seed); use shard.group=none")

@@ -25,7 +25,6 @@ from simvq_scale.quant.codebook import gaussian_rows
 from simvq_scale.quant.nearest import nearest_code
 from simvq_scale.quant.registry import register_quantizer
 from simvq_scale.quant.search import exact_fp32, squared_norms
-from simvq_scale.quant.standardize import RunningStandardizer
 
 
 class LocalCodebook(nn.Module):
@@ -56,26 +55,19 @@ class LocalCodebook(nn.Module):
 class SimVQ(Quantizer):
     def __init__(self, codebook_size: int, dim: int, beta: float = 0.25, seed: int = 0, bias: bool = True,
                  train_codebook: bool = False, chunk_size: int = 8192, search_impl: str = "auto",
-                 codebook: nn.Module | None = None, init_from_data: bool = False,
-                 standardize_momentum: float | None = None):
+                 codebook: nn.Module | None = None, init_from_data: bool = False):
         super().__init__()
         self.codebook_size, self.dim, self.beta = codebook_size, dim, beta
         self.init_from_data = init_from_data
         self.codebook = codebook or LocalCodebook(codebook_size, dim, seed, train_codebook, chunk_size, search_impl)
         self.proj = nn.Linear(dim, dim, bias=bias)  # W: the only trained part of the codes
-        # quantizer.simvq.standardize_tokens: the tokens are searched (and committed) standardized
-        self.standardizer = None if standardize_momentum is None else RunningStandardizer(dim, standardize_momentum)
 
     @torch.no_grad()
     def init_from_tokens(self, tokens: torch.Tensor) -> None:
         """Data-dependent start (quantizer.simvq.init_from_data): W = diag(std * sqrt(d)), b = mean over every
         rank's tokens (N, d) (collective), so the codes C W^T + b, with C's entries of std d^-1/2, are
-        distributed like the tokens, per dimension. With the standardizer, its first moments come from these
-        tokens, and W and b start on the standardized ones (W about sqrt(d) I, b about 0)."""
+        distributed like the tokens, per dimension."""
         tokens = tokens.float()
-        if self.standardizer is not None:
-            self.standardizer.update(tokens)
-            tokens = self.standardizer(tokens)
         moments = torch.cat([tokens.sum(0), tokens.pow(2).sum(0), tokens.new_tensor([tokens.shape[0]])])
         all_reduce_sum(moments)
         count = moments[-1]
@@ -106,10 +98,6 @@ class SimVQ(Quantizer):
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         flat = z.reshape(-1, self.dim)
-        if self.standardizer is not None:
-            if self.training:
-                self.standardizer.update(flat)  # collective: every rank runs the same forwards
-            flat = self.standardizer(flat)
         indices = self.nearest(flat)
         q = self.project(self.codebook.lookup(indices))
         loss = commitment_loss(flat.float(), q, self.beta)
@@ -143,5 +131,4 @@ def build(cfg: QuantizerConfig) -> SimVQ:
     o = cfg.simvq
     return SimVQ(cfg.codebook_size, cfg.dim, beta=cfg.beta, seed=cfg.seed, bias=o.bias,
                  train_codebook=o.train_codebook, chunk_size=cfg.search_chunk, search_impl=cfg.search_impl,
-                 codebook=sharded_codebook(cfg), init_from_data=o.init_from_data,
-                 standardize_momentum=o.standardize_momentum if o.standardize_tokens else None)
+                 codebook=sharded_codebook(cfg), init_from_data=o.init_from_data)

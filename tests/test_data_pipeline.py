@@ -12,10 +12,10 @@ import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 
-from dist_utils import run_distributed
 from simvq_scale.config import DataConfig
 from simvq_scale.data import ShardPatternError, build_eval_loader, build_train_loader, shard_images
 from simvq_scale.data.train_stream import ShardSequence
+from tests.dist_utils import run_distributed
 
 NUM_IMAGES = 23
 

@@ -24,8 +24,7 @@ from simvq_scale.eval.evaluator import MetricNetworks
 from simvq_scale.eval.image import MAX_PSNR_DB, SSIM_CONVENTIONS, ImageEvaluator, psnr_per_image, ssim_per_image
 from simvq_scale.eval.runner import markdown_table, metric_notes
 from simvq_scale.losses.audio import LogMelSpectrogram
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 RATE = 24000
 NO_IMAGE_NETWORKS = MetricNetworks(skip=("lpips_vgg", "lpips_alex", "rfid"))
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import run_distributed
 from simvq_scale.eval.runner import MetricNetworks, evaluate, limited_eval_loader
 from simvq_scale.inference import load_tokenizer
 from simvq_scale.pretrained import FID_INCEPTION_FILE, LPIPS_FEATURE_FILES, weights_dir
-from test_inference import run_tool, tiny_runs  # noqa: F401  (tiny_runs is a fixture)
+from tests.dist_utils import run_distributed
+from tests.helpers import ROOT, run_tool
 
 # The metric networks (LPIPS, Inception, CREPE) are slow on a CPU; the rank-equality check needs only the reductions.
 NO_NETWORKS = MetricNetworks(skip=("lpips_vgg", "lpips_alex", "rfid", "vuv_f1"))
@@ -96,7 +96,7 @@ def test_eval_recon_refuses_a_missing_explicit_weights_file(tiny_runs, demo_data
     import sys
 
     missing = tmp_path / "vgg.pth"
-    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "eval_recon.py"),
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_recon.py"),
                              "--checkpoint", str(tiny_runs["image"]), "--data", _shards(demo_data, "image"),
                              "--lpips-vgg", str(missing), "--max-samples", "2", "--workers", "0"],
                             capture_output=True, text=True, timeout=300)

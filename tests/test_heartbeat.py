@@ -7,11 +7,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from dist_utils import free_port
+from tests.dist_utils import free_port
+from tests.helpers import ROOT
 
 HEARTBEAT_S = 3.0
 COLLECTIVE_S = 120.0  # what would end the hang without the heartbeat
@@ -20,7 +20,7 @@ COLLECTIVE_S = 120.0  # what would end the hang without the heartbeat
 def start_ranks(mode, *args):
     port = str(free_port())
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     ranks = [subprocess.Popen([sys.executable, __file__, str(rank), port, mode, *args], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for rank in range(2)]
     for rank in ranks:

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from dist_utils import run_distributed
 from simvq_scale.config import QUANTIZER_KINDS, ConfigError, FSQOptions, LCOptions, QuantizerConfig
 from simvq_scale.quant import build_quantizer
 from simvq_scale.quant.fsq import FSQ
 from simvq_scale.quant.lfq import EXACT_ENTROPY_MAX_BITS, LFQ
 from simvq_scale.quant.vq_ema import VQEMA
+from tests.dist_utils import run_distributed
 
 K, DIM = 64, 16
 

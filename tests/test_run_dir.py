@@ -9,10 +9,8 @@ import shutil
 
 import pytest
 
-from launch_utils import one_error, train
-from test_trainer import tiny_overrides
-
 from simvq_scale.train.checkpoint import Checkpointer, tag_for
+from tests.helpers import one_error, tiny_overrides, train
 
 
 @pytest.fixture(scope="module")

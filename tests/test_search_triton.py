@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from simvq_scale.quant import search_triton
 from simvq_scale.quant.nearest import nearest_code
 from simvq_scale.quant.search import nearest_code_torch
 from simvq_scale.tools.search_check import fp64_excess
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.skipif(search_triton.triton is None, reason="Triton is not installed")
 
@@ -93,10 +93,9 @@ INTERPRET_CASES = [
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
     """Run every CPU case in one TRITON_INTERPRET=1 subprocess (one interpreter start for all)."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run([sys.executable, __file__, "--interpret-cases"], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=600)
+                          env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {(r["kind"], r["n"], r["k"], r["d"]) if "n" in r else r["kind"]: r for r in results}

@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import run_distributed
 
 from simvq_scale.distributed import codebook_shard_group
 from simvq_scale.quant import sharded
@@ -27,6 +26,7 @@ from simvq_scale.quant.sharded import (
 )
 from simvq_scale.quant.simvq import LocalCodebook, SimVQ
 from simvq_scale.tools.search_check import check_main, check_token_counts, check_tokens, planted_codes
+from tests.dist_utils import run_distributed
 
 # ---------------------------------------------------------------- key packing
 

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from dist_utils import run_distributed
 from simvq_scale.quant.stats import CodebookUsage, weight_spectrum
+from tests.dist_utils import run_distributed
 
 
 def test_figures_on_a_planted_index_set():

@@ -3,10 +3,8 @@ their own (README, "Exit codes"); --dry-run finds them too, before anything is b
 
 import pytest
 
-from launch_utils import ROOT, one_error, train
-from test_trainer import tiny_overrides
-
 from simvq_scale.config import ConfigError, load_config
+from tests.helpers import ROOT, one_error, tiny_overrides, train
 
 
 def test_a_yaml_syntax_error_names_file_line_and_column(tmp_path):

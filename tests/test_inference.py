@@ -55,6 +55,7 @@ def test_load_errors_name_the_path(tmp_path):
         load_tokenizer(tmp_path / "bad.pt")
 
 
+@pytest.mark.slow
 def test_export_tokens_writes_every_sample_once_with_the_ids_encode_gives(tiny_runs, demo_data, tmp_path):
     shards = str(Path(demo_data["dir"]).parent / demo_data["image_val"])
     out = tmp_path / "tokens"
@@ -78,6 +79,7 @@ def test_export_tokens_writes_every_sample_once_with_the_ids_encode_gives(tiny_r
         assert exported[key].dtype == np.int32 and np.array_equal(exported[key], expected)
 
 
+@pytest.mark.slow
 def test_reconstruct_tool_writes_side_by_side_images_and_audio(tiny_runs, demo_data, tmp_path):
     with tarfile.open(expand_shards(str(Path(demo_data["dir"]).parent / demo_data["image_val"]))[0]) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))

@@ -89,6 +89,7 @@ def photo(shared_root: Path | None) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
+@pytest.mark.slow
 def test_real_lpips_grows_monotonically_under_blur(converted_weights):
     x = photo(SHARED_DATA if SHARED_DATA.is_dir() else None)
     loss = PerceptualLoss(str(converted_weights / LPIPS_FEATURE_FILES["vgg"]))
@@ -102,6 +103,7 @@ def test_real_lpips_grows_monotonically_under_blur(converted_weights):
         assert torch.equal(param, state[name.split(".", 1)[1]]), name
 
 
+@pytest.mark.slow
 def test_converted_alexnet_and_inception_load(converted_weights):
     alex = load_lpips("alex", str(converted_weights / LPIPS_FEATURE_FILES["alex"]))
     assert not alex.training and not any(p.requires_grad for p in alex.parameters())

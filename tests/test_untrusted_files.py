@@ -13,6 +13,9 @@ from simvq_scale.train.checkpoint import TRAINER_STATE, read_trainer_state
 from simvq_scale.weights_only import UnsafeFileError
 from tests.helpers import one_error, plant, tiny_overrides, train
 
+# every test reads a run that launch/train.py trained in a subprocess: the slow lane
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained_run(demo_data, tmp_path_factory):

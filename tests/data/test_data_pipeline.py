@@ -235,6 +235,7 @@ def _gloo_eval_and_train(rank, world_size, pattern):
     return {"keys": gathered, "batches": batches, "train_shapes": shapes}
 
 
+@pytest.mark.slow
 def test_loaders_under_a_real_two_process_gloo_run(image_shards):
     pattern, all_keys, _ = image_shards
     results = run_distributed(_gloo_eval_and_train, 2, pattern, timeout_s=150)

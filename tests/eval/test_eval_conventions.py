@@ -164,6 +164,7 @@ print(json.dumps({{"figures": figures, "unavailable": evaluator.unavailable, "er
 """
 
 
+@pytest.mark.slow
 def test_missing_audio_eval_packages_make_their_metrics_unavailable_naming_the_extra():
     script = HIDE_AND_EVALUATE.format(packages=list(AUDIO_EVAL.values()), metrics=list(AUDIO_EVAL))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,

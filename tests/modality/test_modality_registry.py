@@ -187,6 +187,7 @@ def dry_run_then_train_worker(rank, world_size, overrides):
     return dry, trained
 
 
+@pytest.mark.slow
 def test_dry_run_and_training_work_with_it(demo_data, tmp_path):
     overrides = TINY + [f"data.train_shards={demo_data['image_train']}", f"data.val_shards={demo_data['image_val']}",
                         f"train.out_dir={tmp_path / 'run'}", "train.steps=2", "train.log_every=1",

@@ -143,6 +143,7 @@ def _ema_after_one_step(rank, world_size, z, state):
     return {"state": q.state_dict(), "indices": out.indices}
 
 
+@pytest.mark.slow
 def test_vq_ema_update_on_two_gloo_ranks_equals_one_process_on_the_whole_batch():
     torch.manual_seed(0)
     reference = VQEMA(K, DIM, decay=0.9, epsilon=1e-3, search_impl="torch")

@@ -173,6 +173,7 @@ def interpreted() -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["simvq", "vq"])
 @pytest.mark.parametrize("offset", OFFSETS)
 def test_fused_search_is_exact_at_large_offsets(interpreted, kind, offset):
@@ -196,6 +197,7 @@ def _sharded_offsets(rank: int, world_size: int) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_search_is_exact_at_large_offsets(world_size):
     results = run_distributed(_sharded_offsets, world_size, timeout_s=180.0)

@@ -164,6 +164,7 @@ def host_reads_case() -> dict:
             "per_call": int(per_call), "same_indices": bool(torch.equal(idx, nearest_code_torch(z, codes)[1]))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", INTERPRET_CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" for c in INTERPRET_CASES])
 def test_interpreted_kernel_is_exact(interpreted, case):
     result = interpreted[case[:4]]
@@ -178,6 +179,7 @@ def test_interpreted_kernel_is_exact(interpreted, case):
         assert result["fallback"] == 0, result  # clear margins: the fast path alone decides
 
 
+@pytest.mark.slow
 def test_interpreted_duplicates_use_fallback_and_lowest_index(interpreted):
     result = interpreted[("duplicates", 40, 640, 32)]
     # Tokens with 4-6 copies of their row fill more tiles than are kept: the margin test must refuse them.
@@ -185,6 +187,7 @@ def test_interpreted_duplicates_use_fallback_and_lowest_index(interpreted):
     assert result["planted"] == 40 and result["planted_wrong"] == 0 and result["planted_ref_wrong"] == 0
 
 
+@pytest.mark.slow
 def test_interpreted_search_reads_nothing_back_to_the_host(interpreted):
     result = interpreted["host_reads"]
     # the recorder sees the reads the former fallback made (nonzero, int(), mask indexing, tolist) ...

@@ -130,6 +130,7 @@ def test_missing_matplotlib_is_reported_before_training(tool, demo_data, tmp_pat
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_named_in_the_table_and_the_exit_status(tool, demo_data, tmp_path, capsys):
     out = tmp_path / "cmp"
     # an impossible model is refused while planning, before anything runs

@@ -6,7 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT, TINY_AUDIO, clean_env
+
+# every test runs launch/train.py (plain python or torchrun): the slow lane
+pytestmark = pytest.mark.slow
 
 TRAIN = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "audio_demo.yaml")]
 TORCHRUN = Path(sys.executable).with_name("torchrun")

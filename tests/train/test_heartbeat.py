@@ -13,6 +13,9 @@ import pytest
 from tests.dist_utils import free_port
 from tests.helpers import ROOT
 
+# every test starts two ranks as subprocesses: the slow lane
+pytestmark = pytest.mark.slow
+
 HEARTBEAT_S = 3.0
 COLLECTIVE_S = 120.0  # what would end the hang without the heartbeat
 
@@ -44,7 +47,6 @@ def kill_all(ranks):
             rank.wait()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("frozen", [1, 0])
 def test_a_frozen_rank_is_named_and_the_survivor_exits(frozen):
     ranks = start_ranks("freeze", str(frozen))

@@ -61,6 +61,7 @@ def session_groups(tb_dir):
     return groups.session_groups, mux.PluginRunToTagToContent("hparams")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", ["image", "audio"])
 def test_a_run_writes_every_tag_the_layout_the_hparams_and_its_config(demo_data, tmp_path, modality):
     from tensorboard.plugins.custom_scalar import layout_pb2
@@ -164,6 +165,7 @@ def validation_worker(rank, world_size, demo_data, samples):
             "due": [s for s in range(1, 51) if validation.due(s)]}
 
 
+@pytest.mark.slow
 def test_validation_reads_the_first_samples_once_at_any_world_size(demo_data):
     from simvq_scale.config import load_config
     from simvq_scale.data import build_eval_loader

@@ -48,6 +48,7 @@ def conv_dtypes_worker(rank, world_size, config, overrides):
             "codebook": str(trainer.quantizer.codebook.weight.dtype), "bf16": trainer.bf16}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", ["image", "audio"])
 def test_every_conv_of_g_and_d_runs_bf16_under_precision_bf16(demo_data, tmp_path, modality):
     if modality == "image":
@@ -70,6 +71,7 @@ def test_every_conv_of_g_and_d_runs_bf16_under_precision_bf16(demo_data, tmp_pat
     assert result["grads"] == ["torch.float32"]  # gradient reductions stay fp32
 
 
+@pytest.mark.slow
 def test_fp32_precision_keeps_every_conv_fp32(demo_data, tmp_path):
     overrides = tiny_overrides(demo_data, tmp_path / "run", "train.precision=fp32")
     result = run_distributed(conv_dtypes_worker, 1, "image_demo.yaml", overrides, timeout_s=300)[0]

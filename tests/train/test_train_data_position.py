@@ -9,6 +9,9 @@ import webdataset as wds
 from tests.dist_utils import run_distributed
 from tests.helpers import losses_by_step, make_trainer, tiny_overrides
 
+# the runs train on spawned gloo ranks: the slow lane
+pytestmark = pytest.mark.slow
+
 CORRUPT_KEYS = ["bad/0", "bad/1", "bad/2"]
 
 

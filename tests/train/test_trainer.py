@@ -10,6 +10,9 @@ import torch
 from tests.dist_utils import run_distributed
 from tests.helpers import ROOT, fit_worker, losses_by_step, make_trainer, read_tensorboard, tiny_overrides
 
+# every test trains on spawned gloo ranks or runs launch/train.py: the slow lane
+pytestmark = pytest.mark.slow
+
 TAGS = ["loss/total_g", "loss/recon", "loss/perceptual", "loss/commit", "loss/g_adv", "loss/d",
         "codebook/utilization", "codebook/perplexity", "codebook/dead_codes", "W/rank", "W/fro_norm",
         "opt/lr_g", "opt/grad_norm_g", "perf/samples_per_s", "perf/tokens_per_s", "perf/data_wait_frac",

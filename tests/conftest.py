@@ -1,4 +1,4 @@
-"""Shared test set-up: CPU DeepSpeed without its shared-memory op build, and data paths."""
+"""Shared test set-up: CPU DeepSpeed without its shared-memory op build, and the data fixtures."""
 
 from pathlib import Path
 
@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from simvq_scale.distributed import prepare_cpu_deepspeed
+from tests.helpers import ROOT, SHARED_DATA, tiny_export
 
 if not torch.cuda.is_available():  # CPU machines: DeepSpeed on gloo, without its shm-op build
     prepare_cpu_deepspeed()
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture
@@ -28,6 +27,13 @@ def demo_data(tmp_path_factory) -> dict:
     import sys
 
     out = tmp_path_factory.mktemp("demo_data")
-    tool = Path(__file__).resolve().parents[1] / "tools" / "make_demo_data.py"
+    tool = ROOT / "tools" / "make_demo_data.py"
     subprocess.run([sys.executable, str(tool), "--out", str(out)], check=True, capture_output=True)
     return json.loads((out / "demo.json").read_text()) | {"dir": str(out)}
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> dict[str, Path]:
+    """Run dirs of tiny untrained image and audio exports (helpers.tiny_export)."""
+    root = tmp_path_factory.mktemp("tiny_runs")
+    return {m: tiny_export(m, root / m) for m in ("image", "audio")}

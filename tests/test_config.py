@@ -1,6 +1,7 @@
 import pytest
 
 from simvq_scale.config import Config, ConfigError, dump_config, load_config, micro_batch_and_accumulation
+from tests.helpers import ROOT
 
 
 def write(tmp_path, text):
@@ -70,9 +71,7 @@ def test_dump_and_load_back_to_the_same_object(tmp_path):
 
 
 def test_every_shipped_config_loads_and_validates():
-    from pathlib import Path
-
-    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert configs, "no configs/*.yaml found"
     for path in configs:
         load_config(path).validate(world_size=1)

@@ -2,8 +2,6 @@
 
 import io
 import json
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -13,41 +11,10 @@ import soundfile as sf
 import torch
 
 from simvq_scale import load_tokenizer
-from simvq_scale.config import load_config
 from simvq_scale.data import expand_shards
 from simvq_scale.eval.runner import limited_eval_loader
-from simvq_scale.inference import EXPORT_NAME, build_from_config, export_generator
-
-REPO = Path(__file__).resolve().parents[1]
-# Tiny untrained models (no training needed: the export format is all the tools read).
-TINY_OVERRIDES = {
-    "image": ["data.image_size=32", "model.image.channels=32", "model.image.channel_mult=[1,2]",
-              "quantizer.codebook_size=256", "quantizer.dim=8", "data.workers=0"],
-    "audio": ["quantizer.codebook_size=256", "quantizer.dim=8", "data.workers=0"],
-}
-
-
-def tiny_export(modality: str, out_dir: Path, shard_group: str = "none") -> Path:
-    """A run dir holding generator_ema.pt of a tiny untrained model, in Trainer.export's format."""
-    cfg = load_config(REPO / "configs" / f"{modality}_demo.yaml",
-                      TINY_OVERRIDES[modality] + [f"quantizer.shard.group={shard_group}"])
-    torch.manual_seed(0)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    export_generator(build_from_config(cfg), cfg, 7, out_dir / EXPORT_NAME)
-    return out_dir
-
-
-@pytest.fixture(scope="session")
-def tiny_runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny_runs")
-    return {m: tiny_export(m, root / m) for m in ("image", "audio")}
-
-
-def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(REPO / "tools" / name), *args], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+from simvq_scale.inference import EXPORT_NAME
+from tests.helpers import run_tool, tiny_export
 
 
 def _batch(tokenizer, shards: str, n: int) -> torch.Tensor:
@@ -88,6 +55,7 @@ def test_load_errors_name_the_path(tmp_path):
         load_tokenizer(tmp_path / "bad.pt")
 
 
+@pytest.mark.slow
 def test_export_tokens_writes_every_sample_once_with_the_ids_encode_gives(tiny_runs, demo_data, tmp_path):
     shards = str(Path(demo_data["dir"]).parent / demo_data["image_val"])
     out = tmp_path / "tokens"
@@ -111,6 +79,7 @@ def test_export_tokens_writes_every_sample_once_with_the_ids_encode_gives(tiny_r
         assert exported[key].dtype == np.int32 and np.array_equal(exported[key], expected)
 
 
+@pytest.mark.slow
 def test_reconstruct_tool_writes_side_by_side_images_and_audio(tiny_runs, demo_data, tmp_path):
     with tarfile.open(expand_shards(str(Path(demo_data["dir"]).parent / demo_data["image_val"]))[0]) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))

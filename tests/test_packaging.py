@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from launch_utils import clean_env
-from test_compare_quantizers import OFFLINE_EVAL, TINY
 
 from simvq_scale.config import PACKAGED_CONFIGS, ConfigError, config_file, load_config
+from tests.helpers import OFFLINE_EVAL, ROOT, TINY_COMPARISON, clean_env
 
-ROOT = Path(__file__).resolve().parents[1]
 # what a build must not see: a stale build/ of an earlier in-tree build would put removed modules into the wheel
 NOT_BUILD_INPUTS = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__",
                                           ".pytest_cache", "runs", "demo_data")
@@ -150,8 +148,8 @@ def test_the_installed_commands_make_the_demo_data_dry_run_the_demo_and_compare_
     assert described["global_batch"] == packaged["train"]["global_batch"] and described["world_size"] == 1
     # the comparison's children (LC features, training, evaluation) are modules of the installed package
     compared = run([str(installed / "bin" / "simvq-compare-quantizers"), "--config", "image_demo", "--out", "cmp",
-                    "--kinds", "simvq,lc", "--codebook-size", "256", "--steps", "2", "--no-plots", "--set", *TINY,
-                    *OFFLINE_EVAL], tmp_path, env)
+                    "--kinds", "simvq,lc", "--codebook-size", "256", "--steps", "2", "--no-plots", "--set",
+                    *TINY_COMPARISON, *OFFLINE_EVAL], tmp_path, env)
     assert compared.returncode == 0, compared.stdout[-2000:] + compared.stderr[-2000:]
     with (tmp_path / "cmp" / "table.csv").open() as table:
         assert [(row["run"], row["status"]) for row in csv.DictReader(table)] == [("simvq", "ok"), ("lc", "ok")]

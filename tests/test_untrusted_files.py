@@ -8,12 +8,13 @@ import sys
 
 import pytest
 
-from launch_utils import one_error, plant, train
-from test_trainer import tiny_overrides
-
 from simvq_scale.inference import EXPORT_NAME, load_tokenizer
 from simvq_scale.train.checkpoint import TRAINER_STATE, read_trainer_state
 from simvq_scale.weights_only import UnsafeFileError
+from tests.helpers import one_error, plant, tiny_overrides, train
+
+# every test reads a run that launch/train.py trained in a subprocess: the slow lane
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

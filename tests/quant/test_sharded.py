@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import run_distributed
 
 from simvq_scale.distributed import codebook_shard_group
 from simvq_scale.quant import sharded
@@ -27,6 +26,7 @@ from simvq_scale.quant.sharded import (
 )
 from simvq_scale.quant.simvq import LocalCodebook, SimVQ
 from simvq_scale.tools.search_check import check_main, check_token_counts, check_tokens, planted_codes
+from tests.dist_utils import run_distributed
 
 # ---------------------------------------------------------------- key packing
 
@@ -254,6 +254,7 @@ def _check_exactness(results: list[dict], world_size: int) -> None:
         assert torch.equal(torch.cat([r["subgroup"] for r in results]), nearest_code(tokens, codes)[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_sharded_indices_equal_single_process_search(world_size):
     _check_exactness(_results(world_size), world_size)
@@ -264,6 +265,7 @@ def test_one_process_check_main_has_no_mismatches():
     assert report == {"world_size": 1, "codebook_size": 1001, "tokens": 200, "mismatches": 0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_shard_rows_tile_the_codebook_and_lookup_returns_frozen_rows(world_size):
     results = _results(world_size)
@@ -276,6 +278,7 @@ def test_shard_rows_tile_the_codebook_and_lookup_returns_frozen_rows(world_size)
         assert torch.equal(rows, full[wanted])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_w_after_training_matches_an_unsharded_run(world_size):
     reference = _train(_seeded_simvq(LocalCodebook(TRAIN_K, TRAIN_DIM, TRAIN_SEED)),
@@ -290,6 +293,7 @@ def test_w_after_training_matches_an_unsharded_run(world_size):
         assert torch.equal(sharded_indices, reference["indices"][step])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_a_rank_that_fails_makes_every_rank_raise_and_the_group_survives(world_size):
     results = _results(world_size)  # a hang here would end in run_distributed's TimeoutError, failing the test
@@ -310,6 +314,7 @@ def test_a_rank_that_fails_makes_every_rank_raise_and_the_group_survives(world_s
     assert torch.equal(torch.cat([r["after_failures"] for r in results]), nearest_code(tokens, codes)[1])
 
 
+@pytest.mark.slow
 def test_a_rank_that_never_arrives_ends_in_the_group_timeout():
     # Rank 1 sleeps past the 2 s group timeout before joining: without the timeout rank 0 would
     # simply wait and then succeed; with it rank 0 raises instead of hanging.
@@ -321,6 +326,7 @@ def test_a_rank_that_never_arrives_ends_in_the_group_timeout():
 # ---------------------------------------------------------------- GPU (NCCL)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs >= 2 CUDA devices for NCCL")
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -12,10 +12,10 @@ import torch.distributed as dist
 import webdataset as wds
 from PIL import Image
 
-from dist_utils import run_distributed
 from simvq_scale.config import DataConfig
 from simvq_scale.data import ShardPatternError, build_eval_loader, build_train_loader, shard_images
 from simvq_scale.data.train_stream import ShardSequence
+from tests.dist_utils import run_distributed
 
 NUM_IMAGES = 23
 
@@ -235,6 +235,7 @@ def _gloo_eval_and_train(rank, world_size, pattern):
     return {"keys": gathered, "batches": batches, "train_shapes": shapes}
 
 
+@pytest.mark.slow
 def test_loaders_under_a_real_two_process_gloo_run(image_shards):
     pattern, all_keys, _ = image_shards
     results = run_distributed(_gloo_eval_and_train, 2, pattern, timeout_s=150)

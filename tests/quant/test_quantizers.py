@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from dist_utils import run_distributed
 from simvq_scale.config import QUANTIZER_KINDS, ConfigError, FSQOptions, LCOptions, QuantizerConfig
 from simvq_scale.quant import build_quantizer
 from simvq_scale.quant.fsq import FSQ
 from simvq_scale.quant.lfq import EXACT_ENTROPY_MAX_BITS, LFQ
 from simvq_scale.quant.vq_ema import VQEMA
+from tests.dist_utils import run_distributed
 
 K, DIM = 64, 16
 
@@ -143,6 +143,7 @@ def _ema_after_one_step(rank, world_size, z, state):
     return {"state": q.state_dict(), "indices": out.indices}
 
 
+@pytest.mark.slow
 def test_vq_ema_update_on_two_gloo_ranks_equals_one_process_on_the_whole_batch():
     torch.manual_seed(0)
     reference = VQEMA(K, DIM, decay=0.9, epsilon=1e-3, search_impl="torch")

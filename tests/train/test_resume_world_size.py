@@ -9,15 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_utils import run_distributed
-from launch_utils import plant
-from test_trainer import fit_worker, make_trainer, tiny_overrides
-
 from simvq_scale.train.checkpoint import TRAINER_STATE, load_deepspeed_file, tag_for
 from simvq_scale.weights_only import UnsafeFileError
+from tests.dist_utils import run_distributed
+from tests.helpers import fit_worker, make_trainer, plant, tiny_overrides
 
 COMMON = ["train.global_batch=6", "train.ckpt_every=2", "train.log_every=1"]
-CODEBOOK_SIZE = 256  # test_trainer.TINY
+CODEBOOK_SIZE = 256  # helpers.TINY_IMAGE
 
 
 def state_vector(state_dict):

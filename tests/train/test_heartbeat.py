@@ -7,11 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from dist_utils import free_port
+from tests.dist_utils import free_port
+from tests.helpers import ROOT
+
+# every test starts two ranks as subprocesses: the slow lane
+pytestmark = pytest.mark.slow
 
 HEARTBEAT_S = 3.0
 COLLECTIVE_S = 120.0  # what would end the hang without the heartbeat
@@ -20,7 +23,7 @@ COLLECTIVE_S = 120.0  # what would end the hang without the heartbeat
 def start_ranks(mode, *args):
     port = str(free_port())
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     ranks = [subprocess.Popen([sys.executable, __file__, str(rank), port, mode, *args], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for rank in range(2)]
     for rank in ranks:
@@ -44,7 +47,6 @@ def kill_all(ranks):
             rank.wait()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("frozen", [1, 0])
 def test_a_frozen_rank_is_named_and_the_survivor_exits(frozen):
     ranks = start_ranks("freeze", str(frozen))

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from dist_utils import run_distributed
 from simvq_scale.quant.stats import CodebookUsage, weight_spectrum
+from tests.dist_utils import run_distributed
 
 
 def test_figures_on_a_planted_index_set():
@@ -54,6 +54,7 @@ def _usage_on_rank(rank, world_size, tokens_per_rank):
     return usage.reduce()
 
 
+@pytest.mark.slow
 def test_reduce_under_two_gloo_processes_equals_one_process_on_all_tokens():
     g = torch.Generator().manual_seed(0)
     tokens_per_rank = [torch.randint(0, 16, (40,), generator=g), torch.randint(10, 32, (30,), generator=g)]

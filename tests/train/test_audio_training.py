@@ -2,19 +2,19 @@
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+from tests.helpers import ROOT, TINY_AUDIO, clean_env
+
+# every test runs launch/train.py (plain python or torchrun): the slow lane
+pytestmark = pytest.mark.slow
+
 TRAIN = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "audio_demo.yaml")]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-
-# the demo config, smaller still: 0.25 s segments, adversarial terms from the first step
-TINY = ["data.segment_seconds=0.25", "data.workers=0", "data.shuffle_buffer=20", "train.global_batch=4",
-        "quantizer.codebook_size=256", "quantizer.usage_window_tokens=1024", "loss.disc_start=0",
-        "optim.warmup_steps=2"]
 
 SCALARS = ["loss/total_g", "loss/mel", "loss/feature_matching", "loss/g_adv", "loss/d", "loss/commit",
            "codebook/utilization", "codebook/perplexity", "codebook/dead_codes", "W/rank", "W/fro_norm",
@@ -23,13 +23,8 @@ SCALARS = ["loss/total_g", "loss/mel", "loss/feature_matching", "loss/g_adv", "l
 
 
 def overrides(demo_data, out_dir, *more):
-    return [*TINY, f"data.train_shards={demo_data['audio_train']}", f"data.val_shards={demo_data['audio_val']}",
-            f"train.out_dir={out_dir}", *more]
-
-
-def clean_env():
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    return [*TINY_AUDIO, f"data.train_shards={demo_data['audio_train']}",
+            f"data.val_shards={demo_data['audio_val']}", f"train.out_dir={out_dir}", *more]
 
 
 def test_demo_run_writes_every_audio_tag(demo_data, tmp_path):

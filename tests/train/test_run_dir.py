@@ -9,10 +9,8 @@ import shutil
 
 import pytest
 
-from launch_utils import one_error, train
-from test_trainer import tiny_overrides
-
 from simvq_scale.train.checkpoint import Checkpointer, tag_for
+from tests.helpers import one_error, tiny_overrides, train
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +39,7 @@ def metric_steps(folder):
     return [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_locked_folder_is_refused(demo_data, run):
     before = snapshot(run)
     with open(run / "run.lock", "a+") as held:  # the other run: this test process holds the lock
@@ -55,6 +54,7 @@ def test_a_second_run_into_a_locked_folder_is_refused(demo_data, run):
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_a_fresh_start_into_a_run_is_refused_and_changes_nothing(demo_data, run):
     before = snapshot(run)
     done = train(run, *tiny_overrides(demo_data, run, "train.steps=2"))
@@ -64,6 +64,7 @@ def test_a_fresh_start_into_a_run_is_refused_and_changes_nothing(demo_data, run)
     assert snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_overwrite_starts_over_and_deletes_only_what_a_run_writes(demo_data, run):
     (run / "notes.txt").write_text("mine")
     done = train(run, *tiny_overrides(demo_data, run, "train.steps=1", "train.log_every=1"), extra=["--overwrite"])
@@ -74,6 +75,7 @@ def test_overwrite_starts_over_and_deletes_only_what_a_run_writes(demo_data, run
     assert (run / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_a_resume_that_changes_shapes_is_one_error_before_anything_is_written(demo_data, run):
     before = snapshot(run)
     done = train(run, *tiny_overrides(demo_data, run, "train.steps=3", "quantizer.dim=16", "optim.lr=1e-4"),
@@ -84,6 +86,7 @@ def test_a_resume_that_changes_shapes_is_one_error_before_anything_is_written(de
     assert snapshot(run) == before  # config.yaml, metrics.jsonl and the checkpoints untouched
 
 
+@pytest.mark.slow
 def test_a_resume_from_the_engine_folder_tidies_a_killed_run_and_lists_changed_settings(demo_data, run):
     # what a kill during step 3 leaves: its metrics row, a half-written export and latest, a partial tag
     with open(run / "metrics.jsonl", "a") as f:
@@ -103,6 +106,7 @@ def test_a_resume_from_the_engine_folder_tidies_a_killed_run_and_lists_changed_s
     assert (run / "ckpt" / "latest").read_text() == tag_for(3)
 
 
+@pytest.mark.slow
 def test_resume_paths_that_name_no_intact_checkpoint_are_clear_errors(demo_data, run):
     common = ["--dry-run", "--set", *tiny_overrides(demo_data, run, "train.steps=3")]
     missing = train(run, extra=["--resume", str(run / "ckpt" / "generator" / tag_for(9)), *common])
@@ -114,6 +118,7 @@ def test_resume_paths_that_name_no_intact_checkpoint_are_clear_errors(demo_data,
     assert f"--resume {run / 'ckpt' / 'generator' / tag_for(1)}" in error  # the intact one to use instead
 
 
+@pytest.mark.slow
 def test_rewinding_to_an_older_checkpoint_needs_overwrite(demo_data, run):
     older = str(run / "ckpt" / "generator" / tag_for(1))
     refused = train(run, *tiny_overrides(demo_data, run, "train.steps=2"), extra=["--resume", older])

@@ -9,19 +9,17 @@ registered at import, so spawned workers (which import this module to find their
 import contextlib
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dist_utils import run_distributed
 from simvq_scale.config import ConfigError, load_config, require
 from simvq_scale.eval.evaluator import Evaluator, MeanSums
 from simvq_scale.modality import Modality, get_modality, modality_names, register_modality
 from simvq_scale.tools import reconstruct, train
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.dist_utils import run_distributed
+from tests.helpers import ROOT
 GRAY = "gray"
 TINY = ["data.modality=gray", "data.image_size=32", "data.workers=0", "data.shuffle_buffer=50",
         "model.image.channels=32", "model.image.channel_mult=[1,2]", "model.image.num_res_blocks=1",
@@ -189,6 +187,7 @@ def dry_run_then_train_worker(rank, world_size, overrides):
     return dry, trained
 
 
+@pytest.mark.slow
 def test_dry_run_and_training_work_with_it(demo_data, tmp_path):
     overrides = TINY + [f"data.train_shards={demo_data['image_train']}", f"data.val_shards={demo_data['image_val']}",
                         f"train.out_dir={tmp_path / 'run'}", "train.steps=2", "train.log_every=1",

@@ -3,41 +3,20 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
+from tests.helpers import ROOT, fit_worker, losses_by_step, make_trainer, read_tensorboard, tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# a tiny image model: 32 px crops, one downsampling: 16x16 tokens
-TINY = ["data.image_size=32", "data.workers=0", "data.shuffle_buffer=50",
-        "model.image.channels=32", "model.image.channel_mult=[1,2]", "model.image.num_res_blocks=1",
-        "model.discriminator.layers=2", "model.discriminator.channels=32",
-        "quantizer.codebook_size=256", "quantizer.dim=32", "quantizer.usage_window_tokens=1024",
-        "train.global_batch=4", "loss.disc_start=0", "optim.warmup_steps=2"]
+# every test trains on spawned gloo ranks or runs launch/train.py: the slow lane
+pytestmark = pytest.mark.slow
 
 TAGS = ["loss/total_g", "loss/recon", "loss/perceptual", "loss/commit", "loss/g_adv", "loss/d",
         "codebook/utilization", "codebook/perplexity", "codebook/dead_codes", "W/rank", "W/fro_norm",
         "opt/lr_g", "opt/grad_norm_g", "perf/samples_per_s", "perf/tokens_per_s", "perf/data_wait_frac",
         "perf/max_mem_gib"]
-
-
-def tiny_overrides(demo_data, out_dir, *more):
-    return TINY + [f"data.train_shards={demo_data['image_train']}", f"data.val_shards={demo_data['image_val']}",
-                   f"train.out_dir={out_dir}", *more]
-
-
-def make_trainer(overrides, resume=None):
-    from simvq_scale import distributed
-    from simvq_scale.config import load_config
-    from simvq_scale.train.trainer import Trainer
-
-    device = distributed.init_distributed()
-    cfg = load_config(ROOT / "configs" / "image_demo.yaml", overrides).validate(distributed.world_size())
-    return Trainer(cfg, device, resume=resume)
 
 
 def first_batch(trainer):
@@ -83,16 +62,6 @@ def test_gan_step_under_zero2_touches_only_its_own_network(demo_data, tmp_path, 
         assert r["micro_batch"] == 2  # global batch 4 over 2 ranks
 
 
-def fit_worker(rank, world_size, runs):
-    for overrides, resume in runs:
-        make_trainer(overrides, resume).fit()
-
-
-def losses_by_step(run_dir):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: (row["loss/total_g"], row["loss/d"]) for row in rows}
-
-
 def test_resume_reproduces_the_uninterrupted_run(demo_data, tmp_path):
     # with the data-dependent start on: a resumed run skips it and takes W and b from the checkpoint
     common = ["train.log_every=1", "train.ckpt_every=2", "train.keep_last=2", "quantizer.simvq.init_from_data=true"]
@@ -135,14 +104,6 @@ def test_nan_policies(demo_data, tmp_path):
     stop = run_distributed(nan_worker, 1, tiny_overrides(demo_data, tmp_path / "stop", "train.nan_policy=stop"),
                            timeout_s=300)[0]
     assert stop["error"] and "nan_policy=stop" in stop["error"]
-
-
-def read_tensorboard(tb_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
-    acc.Reload()
-    return acc.Tags()
 
 
 def test_plain_python_run_writes_every_tag_and_a_loadable_export(demo_data, tmp_path):

@@ -16,17 +16,10 @@ import yaml
 
 from simvq_scale.eval.comparison import read_metrics
 from simvq_scale.tools import compare_quantizers, make_lc_features
+from tests.helpers import OFFLINE_EVAL, ROOT, TINY_COMPARISON
 
-REPO = Path(__file__).resolve().parents[1]
-IMAGE_CONFIG = str(REPO / "configs" / "image_demo.yaml")
-AUDIO_CONFIG = str(REPO / "configs" / "audio_demo.yaml")
-# a tiny image model (32 px, one downsampling: 16x16 tokens of 2x2 pixels), two log lines per run
-TINY = ["data.image_size=32", "data.workers=0", "data.shuffle_buffer=50", "model.image.channels=32",
-        "model.image.channel_mult=[1,2]", "model.image.num_res_blocks=1", "model.discriminator.layers=2",
-        "model.discriminator.channels=32", "quantizer.dim=16", "quantizer.usage_window_tokens=1024",
-        "train.global_batch=4", "train.log_every=1", "train.ckpt_every=2", "optim.warmup_steps=1"]
-OFFLINE_EVAL = ["--skip", "lpips_vgg,lpips_alex,rfid", "--max-samples", "8", "--eval-batch-size", "8",
-                "--eval-workers", "0"]
+IMAGE_CONFIG = str(ROOT / "configs" / "image_demo.yaml")
+AUDIO_CONFIG = str(ROOT / "configs" / "audio_demo.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -137,17 +130,18 @@ def test_missing_matplotlib_is_reported_before_training(tool, demo_data, tmp_pat
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_named_in_the_table_and_the_exit_status(tool, demo_data, tmp_path, capsys):
     out = tmp_path / "cmp"
     # an impossible model is refused while planning, before anything runs
     rc = tool.main(["--config", IMAGE_CONFIG, "--out", str(out), "--variant", "narrow:model.image.channels=16",
-                    "--steps", "1", "--no-plots", "--set", *shard_sets(demo_data), *TINY])
+                    "--steps", "1", "--no-plots", "--set", *shard_sets(demo_data), *TINY_COMPARISON])
     assert rc == 2 and "model.image.channels=16" in capsys.readouterr().err and not out.exists()
     # a run that fails once started (its LPIPS weights file is missing: the trainer's preflight stops it)
     missing = tmp_path / "nowhere" / "lpips_vgg16_features.pth"
     rc = tool.main(["--config", IMAGE_CONFIG, "--out", str(out), "--variant",
                     f"lpips:loss.perceptual_weight=1 loss.perceptual_weights={missing}",
-                    "--steps", "1", "--no-plots", "--set", *shard_sets(demo_data), *TINY])
+                    "--steps", "1", "--no-plots", "--set", *shard_sets(demo_data), *TINY_COMPARISON])
     captured = capsys.readouterr()
     log = out / "lpips" / "train.log"
     assert rc == 1 and "1 run(s) failed: lpips" in captured.err
@@ -206,7 +200,7 @@ def _value(text: str) -> float:
 def test_three_quantizers_on_demo_shards_make_a_table_read_back_from_their_runs(tool, demo_data, tmp_path, capsys):
     out = tmp_path / "cmp"
     args = ["--config", IMAGE_CONFIG, "--out", str(out), "--kinds", "simvq,fsq,lc", "--codebook-size", "256",
-            "--steps", "2", "--gpus", "0,1", "--set", *shard_sets(demo_data), *TINY, *OFFLINE_EVAL]
+            "--steps", "2", "--gpus", "0,1", "--set", *shard_sets(demo_data), *TINY_COMPARISON, *OFFLINE_EVAL]
     assert tool.main(args) == 0
     console = capsys.readouterr().out
     names = ["simvq", "fsq", "lc"]

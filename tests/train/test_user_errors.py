@@ -3,12 +3,11 @@ their own (README, "Exit codes"); --dry-run finds them too, before anything is b
 
 import pytest
 
-from launch_utils import ROOT, one_error, train
-from test_trainer import tiny_overrides
-
 from simvq_scale.config import ConfigError, load_config
+from tests.helpers import ROOT, one_error, tiny_overrides, train
 
 
+@pytest.mark.slow
 def test_a_yaml_syntax_error_names_file_line_and_column(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text((ROOT / "configs" / "image_demo.yaml").read_text().replace("  dim: 32\n", "  dim: [32\n"))
@@ -32,6 +31,7 @@ def test_the_heartbeat_must_fire_before_the_collective_timeout():
     load_config(overrides=["train.heartbeat_timeout_s=0"]).validate()  # 0: no heartbeat
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["no_shards", "no_lpips_weights", "unwritable_out_dir"])
 def test_dry_run_stops_a_config_that_cannot_train_with_one_line(demo_data, tmp_path, case):
     (tmp_path / "a_file").write_text("")

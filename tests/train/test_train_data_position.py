@@ -6,8 +6,11 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from dist_utils import run_distributed
-from test_trainer import losses_by_step, make_trainer, tiny_overrides
+from tests.dist_utils import run_distributed
+from tests.helpers import losses_by_step, make_trainer, tiny_overrides
+
+# the runs train on spawned gloo ranks: the slow lane
+pytestmark = pytest.mark.slow
 
 CORRUPT_KEYS = ["bad/0", "bad/1", "bad/2"]
 

@@ -24,8 +24,7 @@ from simvq_scale.eval.evaluator import MetricNetworks
 from simvq_scale.eval.image import MAX_PSNR_DB, SSIM_CONVENTIONS, ImageEvaluator, psnr_per_image, ssim_per_image
 from simvq_scale.eval.runner import markdown_table, metric_notes
 from simvq_scale.losses.audio import LogMelSpectrogram
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 RATE = 24000
 NO_IMAGE_NETWORKS = MetricNetworks(skip=("lpips_vgg", "lpips_alex", "rfid"))
 
@@ -165,6 +164,7 @@ print(json.dumps({{"figures": figures, "unavailable": evaluator.unavailable, "er
 """
 
 
+@pytest.mark.slow
 def test_missing_audio_eval_packages_make_their_metrics_unavailable_naming_the_extra():
     script = HIDE_AND_EVALUATE.format(packages=list(AUDIO_EVAL.values()), metrics=list(AUDIO_EVAL))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,

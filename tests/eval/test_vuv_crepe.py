@@ -13,6 +13,7 @@ import torch
 from simvq_scale.config import DataConfig
 from simvq_scale.eval import audio as A
 from simvq_scale.eval.evaluator import MetricNetworks
+from tests.helpers import SHARED_DATA
 
 torchcrepe = pytest.importorskip("torchcrepe", reason="torchcrepe (the audio-eval extra) is not installed")
 pytestmark = pytest.mark.slow
@@ -41,10 +42,9 @@ def _no_network(*args, **kwargs):
 def voicing() -> dict:
     """Voicing of 1 s of three real utterances and of a clip that is silent, then white noise; computed once, with
     every socket connection refused (the weights must come from the installed wheel)."""
-    data = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if not data.is_dir():
-        pytest.skip(f"real development data not found at {data}")
-    speech = _speech(data, 1.0)
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real development data not found at {SHARED_DATA}")
+    speech = _speech(SHARED_DATA, 1.0)
     g = torch.Generator().manual_seed(0)
     quiet_then_noise = torch.cat([torch.zeros(RATE // 2), 0.1 * torch.randn(RATE // 2, generator=g)])
     with pytest.MonkeyPatch.context() as mp:

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from simvq_scale.quant import search_triton
 from simvq_scale.quant.nearest import nearest_code
 from simvq_scale.quant.search import nearest_code_torch
 from simvq_scale.tools.search_check import fp64_excess
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.skipif(search_triton.triton is None, reason="Triton is not installed")
 
@@ -93,10 +93,9 @@ INTERPRET_CASES = [
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
     """Run every CPU case in one TRITON_INTERPRET=1 subprocess (one interpreter start for all)."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.run([sys.executable, __file__, "--interpret-cases"], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=600)
+                          env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {(r["kind"], r["n"], r["k"], r["d"]) if "n" in r else r["kind"]: r for r in results}
@@ -165,6 +164,7 @@ def host_reads_case() -> dict:
             "per_call": int(per_call), "same_indices": bool(torch.equal(idx, nearest_code_torch(z, codes)[1]))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", INTERPRET_CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" for c in INTERPRET_CASES])
 def test_interpreted_kernel_is_exact(interpreted, case):
     result = interpreted[case[:4]]
@@ -179,6 +179,7 @@ def test_interpreted_kernel_is_exact(interpreted, case):
         assert result["fallback"] == 0, result  # clear margins: the fast path alone decides
 
 
+@pytest.mark.slow
 def test_interpreted_duplicates_use_fallback_and_lowest_index(interpreted):
     result = interpreted[("duplicates", 40, 640, 32)]
     # Tokens with 4-6 copies of their row fill more tiles than are kept: the margin test must refuse them.
@@ -186,6 +187,7 @@ def test_interpreted_duplicates_use_fallback_and_lowest_index(interpreted):
     assert result["planted"] == 40 and result["planted_wrong"] == 0 and result["planted_ref_wrong"] == 0
 
 
+@pytest.mark.slow
 def test_interpreted_search_reads_nothing_back_to_the_host(interpreted):
     result = interpreted["host_reads"]
     # the recorder sees the reads the former fallback made (nonzero, int(), mask indexing, tolist) ...

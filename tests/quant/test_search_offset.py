@@ -13,11 +13,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from dist_utils import run_distributed
 
 from simvq_scale.quant import search_triton
 from simvq_scale.quant.base import straight_through
@@ -28,8 +26,8 @@ from simvq_scale.quant.sharded import ShardedCodebook
 from simvq_scale.quant.simvq import SimVQ
 from simvq_scale.quant.vq import VQ
 from simvq_scale.tools.search_check import fp64_excess
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.dist_utils import run_distributed
+from tests.helpers import ROOT
 
 OFFSETS = [30.0, 300.0, 3000.0]
 K, DIM, TOKENS, SEED = 1000, 16, 96, 5
@@ -175,6 +173,7 @@ def interpreted() -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["simvq", "vq"])
 @pytest.mark.parametrize("offset", OFFSETS)
 def test_fused_search_is_exact_at_large_offsets(interpreted, kind, offset):
@@ -198,6 +197,7 @@ def _sharded_offsets(rank: int, world_size: int) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_search_is_exact_at_large_offsets(world_size):
     results = run_distributed(_sharded_offsets, world_size, timeout_s=180.0)

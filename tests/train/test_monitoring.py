@@ -15,22 +15,16 @@ import torch
 import yaml
 from PIL import Image
 
-from dist_utils import run_distributed
-from launch_utils import ROOT, clean_env
+from tests.dist_utils import run_distributed
+from tests.helpers import ROOT, TINY_AUDIO, TINY_IMAGE, clean_env
 
-IMAGE_TINY = ["data.image_size=32", "data.workers=0", "data.shuffle_buffer=50", "model.image.channels=32",
-              "model.image.channel_mult=[1,2]", "model.image.num_res_blocks=1", "model.discriminator.layers=2",
-              "model.discriminator.channels=32", "quantizer.codebook_size=256", "quantizer.dim=32",
-              "quantizer.usage_window_tokens=1024", "train.global_batch=4", "optim.warmup_steps=2"]
-AUDIO_TINY = ["data.segment_seconds=0.25", "data.workers=0", "data.shuffle_buffer=20", "train.global_batch=4",
-              "quantizer.codebook_size=256", "quantizer.usage_window_tokens=1024", "optim.warmup_steps=2"]
 # D from the first step; validation of 6 samples at both steps, so step 1 is a log step too; pictures at both
 SHORT = ["train.steps=2", "train.log_every=2", "train.images_every=1", "loss.disc_start=0", "train.val_every=1",
          "train.val_samples=6"]
 
 
 def run_demo(modality, demo_data, out):
-    config, tiny = {"image": ("image_demo.yaml", IMAGE_TINY), "audio": ("audio_demo.yaml", AUDIO_TINY)}[modality]
+    config, tiny = {"image": ("image_demo.yaml", TINY_IMAGE), "audio": ("audio_demo.yaml", TINY_AUDIO)}[modality]
     cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / config),
            "--set", *tiny, *SHORT, f"data.train_shards={demo_data[modality + '_train']}",
            f"data.val_shards={demo_data[modality + '_val']}", f"train.out_dir={out}"]
@@ -67,6 +61,7 @@ def session_groups(tb_dir):
     return groups.session_groups, mux.PluginRunToTagToContent("hparams")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", ["image", "audio"])
 def test_a_run_writes_every_tag_the_layout_the_hparams_and_its_config(demo_data, tmp_path, modality):
     from tensorboard.plugins.custom_scalar import layout_pb2
@@ -154,7 +149,7 @@ def validation_worker(rank, world_size, demo_data, samples):
     from simvq_scale.train.validation import Validation
 
     cfg = load_config(ROOT / "configs" / "image_demo.yaml",
-                      [*IMAGE_TINY, f"data.val_shards={demo_data['image_val']}", "train.val_every=20",
+                      [*TINY_IMAGE, f"data.val_shards={demo_data['image_val']}", "train.val_every=20",
                        f"train.val_samples={samples}", "train.steps=50"])
     lines = []
     validation = Validation(cfg, get_modality("image"), None, torch.device("cpu"), 2, rank, world_size, lines.append)
@@ -170,12 +165,13 @@ def validation_worker(rank, world_size, demo_data, samples):
             "due": [s for s in range(1, 51) if validation.due(s)]}
 
 
+@pytest.mark.slow
 def test_validation_reads_the_first_samples_once_at_any_world_size(demo_data):
     from simvq_scale.config import load_config
     from simvq_scale.data import build_eval_loader
 
     samples = 11  # 3 ranks of micro-batch 2: ranges of 3, 4, 4 samples, padded batches on every rank
-    data = load_config(ROOT / "configs" / "image_demo.yaml", IMAGE_TINY).data
+    data = load_config(ROOT / "configs" / "image_demo.yaml", TINY_IMAGE).data
     loader = build_eval_loader(data, demo_data["image_val"], 16, 0, 1)  # the whole set, in shard order
     x = torch.cat([b["x"][b["mask"]] for b in loader])[:samples]
     x_hat = x.flip(-1) * 0.5

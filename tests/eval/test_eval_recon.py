@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import run_distributed
 from simvq_scale.eval.runner import MetricNetworks, evaluate, limited_eval_loader
 from simvq_scale.inference import load_tokenizer
 from simvq_scale.pretrained import FID_INCEPTION_FILE, LPIPS_FEATURE_FILES, weights_dir
-from test_inference import run_tool, tiny_runs  # noqa: F401  (tiny_runs is a fixture)
+from tests.dist_utils import run_distributed
+from tests.helpers import ROOT, run_tool
 
 # The metric networks (LPIPS, Inception, CREPE) are slow on a CPU; the rank-equality check needs only the reductions.
 NO_NETWORKS = MetricNetworks(skip=("lpips_vgg", "lpips_alex", "rfid", "vuv_f1"))
@@ -32,6 +32,7 @@ def _evaluate_on_rank(rank: int, world_size: int, runs: dict, shards: dict) -> d
     return {m: _evaluate(runs[m], shards[m], m, rank, world_size) for m in runs}
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_single_process_figures(tiny_runs, demo_data):
     shards = {m: _shards(demo_data, m) for m in tiny_runs}
     single = {m: _evaluate(tiny_runs[m], shards[m], m, 0, 1) for m in tiny_runs}
@@ -73,6 +74,7 @@ def _real_weights_present() -> bool:
     return all((weights_dir() / f).is_file() for f in (*LPIPS_FEATURE_FILES.values(), FID_INCEPTION_FILE))
 
 
+@pytest.mark.slow
 def test_eval_recon_tool_writes_json_and_markdown_with_real_or_unavailable_networks(tiny_runs, demo_data, tmp_path):
     out = tmp_path / "report.json"
     result = run_tool("eval_recon.py", "--checkpoint", str(tiny_runs["image"]), "--data", _shards(demo_data, "image"),
@@ -91,12 +93,13 @@ def test_eval_recon_tool_writes_json_and_markdown_with_real_or_unavailable_netwo
         assert not {"lpips_vgg", "lpips_alex", "rfid"} & set(metrics)
 
 
+@pytest.mark.slow
 def test_eval_recon_refuses_a_missing_explicit_weights_file(tiny_runs, demo_data, tmp_path):
     import subprocess
     import sys
 
     missing = tmp_path / "vgg.pth"
-    result = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "eval_recon.py"),
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_recon.py"),
                              "--checkpoint", str(tiny_runs["image"]), "--data", _shards(demo_data, "image"),
                              "--lpips-vgg", str(missing), "--max-samples", "2", "--workers", "0"],
                             capture_output=True, text=True, timeout=300)
@@ -104,6 +107,7 @@ def test_eval_recon_refuses_a_missing_explicit_weights_file(tiny_runs, demo_data
     assert f"--lpips-vgg={missing}" in result.stderr and "simvq-fetch-weights" in result.stderr
 
 
+@pytest.mark.slow
 def test_codebook_report_counts_every_token_and_plots(tiny_runs, demo_data, tmp_path):
     out = tmp_path / "codebook"
     run_tool("codebook_report.py", "--checkpoint", str(tiny_runs["image"]), "--data", _shards(demo_data, "image"),

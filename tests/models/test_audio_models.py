@@ -12,8 +12,7 @@ from simvq_scale.modality import get_modality
 from simvq_scale.models.audio import ISTFTHead, SEANetEncoder, build_audio_autoencoder
 from simvq_scale.models.audio_discriminators import build_audio_discriminator
 from simvq_scale.quant import build_quantizer
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 RATE = 24000
 
 

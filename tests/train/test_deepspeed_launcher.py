@@ -9,18 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from dist_utils import free_port, run_distributed
-from launch_utils import ROOT, clean_env
-from test_trainer import fit_worker, tiny_overrides
-
 from simvq_scale.train.checkpoint import TRAINER_STATE, tag_for
+from tests.dist_utils import free_port, run_distributed
+from tests.helpers import ROOT, clean_env, fit_worker, losses_by_step, tiny_overrides
 
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
-
-
-def losses(run):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: (r["loss/total_g"], r["loss/d"]) for r in rows}
 
 
 @pytest.mark.slow
@@ -52,7 +45,7 @@ def test_two_no_ssh_launchers_form_one_job_of_world_size_two(demo_data, tmp_path
     together = tmp_path / "together"
     run_distributed(fit_worker, 2, [(tiny_overrides(demo_data, together, "train.steps=2", "train.ckpt_every=2",
                                                     "train.log_every=1"), None)], timeout_s=600)
-    expected, got = losses(together), losses(out)
+    expected, got = losses_by_step(together), losses_by_step(out)
     assert sorted(got) == [1, 2]
     for step in got:
         assert got[step] == pytest.approx(expected[step], rel=1e-4)

@@ -5,9 +5,8 @@ the codebook search stay fp32."""
 import pytest
 import torch
 
-from dist_utils import run_distributed
-from test_audio_training import TINY as AUDIO_TINY
-from test_trainer import ROOT, make_trainer, tiny_overrides
+from tests.dist_utils import run_distributed
+from tests.helpers import ROOT, TINY_AUDIO, tiny_overrides
 
 CONVS = (torch.nn.Conv1d, torch.nn.Conv2d)
 
@@ -49,13 +48,14 @@ def conv_dtypes_worker(rank, world_size, config, overrides):
             "codebook": str(trainer.quantizer.codebook.weight.dtype), "bf16": trainer.bf16}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", ["image", "audio"])
 def test_every_conv_of_g_and_d_runs_bf16_under_precision_bf16(demo_data, tmp_path, modality):
     if modality == "image":
         config, overrides = "image_demo.yaml", tiny_overrides(demo_data, tmp_path / "run", "train.precision=bf16")
     else:
         config = "audio_demo.yaml"
-        overrides = [*AUDIO_TINY, f"data.train_shards={demo_data['audio_train']}",
+        overrides = [*TINY_AUDIO, f"data.train_shards={demo_data['audio_train']}",
                      f"data.val_shards={demo_data['audio_val']}", f"train.out_dir={tmp_path / 'run'}",
                      "train.precision=bf16"]
     result = run_distributed(conv_dtypes_worker, 1, config, overrides, timeout_s=300)[0]
@@ -71,6 +71,7 @@ def test_every_conv_of_g_and_d_runs_bf16_under_precision_bf16(demo_data, tmp_pat
     assert result["grads"] == ["torch.float32"]  # gradient reductions stay fp32
 
 
+@pytest.mark.slow
 def test_fp32_precision_keeps_every_conv_fp32(demo_data, tmp_path):
     overrides = tiny_overrides(demo_data, tmp_path / "run", "train.precision=fp32")
     result = run_distributed(conv_dtypes_worker, 1, "image_demo.yaml", overrides, timeout_s=300)[0]

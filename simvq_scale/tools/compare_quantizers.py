@@ -76,6 +76,7 @@ KEYS = {
     "train_shards": "data.train_shards",
     "val_shards": "data.val_shards",
     "global_batch": "train.global_batch",
+    "ema_decay": "model.ema_decay",
     "steps": "train.steps",
     "out_dir": "train.out_dir",
 }
@@ -461,6 +462,18 @@ class Runner:
             raise
 
 
+def ema_warning(shared: dict, steps: int) -> str:
+    """A sentence when the evaluated EMA exports would still be mostly the initial weights (decay^steps of them
+    is left after `steps` steps; e.g. 78% at decay 0.999 after 250 steps), else ''."""
+    decay = float(lookup(shared, KEYS["ema_decay"]))
+    left = decay ** steps
+    if left <= 0.05:
+        return ""
+    return (f"The EMA exports that are evaluated still hold {left:.0%} of the initial weights after {steps:,} steps "
+            f"at {KEYS['ema_decay']}={decay}; for short comparisons lower it (e.g. --set {KEYS['ema_decay']}="
+            f"{1 - 5 / steps:.3g}).")
+
+
 def caption(args, shared: dict, records: list[RunRecord]) -> str:
     steps = sorted({r.steps for r in records})
     samples = sorted({report["samples"] for r in records if r.status == "ok" and (report := read_eval(r.run_dir))})
@@ -471,7 +484,7 @@ def caption(args, shared: dict, records: list[RunRecord]) -> str:
             f"on `{args.val_shards}` ({'/'.join(map(str, samples)) or 'no'} samples); "
             f"device: {'; '.join(devices) or 'not recorded'}. Utilization and perplexity count the codes chosen over "
             f"the evaluation set; {comparison_note(lookup(shared, KEYS['modality']))}. "
-            "Made by simvq-compare-quantizers.")
+            + (ema_warning(shared, min(steps)) + " " if steps else "") + "Made by simvq-compare-quantizers.")
 
 
 def write_report(args, runs: list[PlannedRun], shared: dict) -> list[Path]:
@@ -560,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r.name}: {r.kind}, K={r.codebook_size:,}, {r.steps:,} steps -> {r.run_dir} ({state})")
         if args.dry_run and run.overrides:
             print("  --set " + shlex.join(run.overrides))
+    warning = ema_warning(shared, min(run.record.steps for run in runs))
+    if warning:
+        print(f"warning: {warning}", flush=True)
     if args.dry_run:
         return 0
     console = Console()

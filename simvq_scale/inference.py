@@ -27,13 +27,17 @@ EXPORT_NAME = "generator_ema.pt"  # the file the trainer writes in train.out_dir
 EXPORT_KEYS = ("config", "generator")
 
 
+class ExportNotFoundError(FileNotFoundError):
+    """--checkpoint names no export file (nor a run directory holding one)."""
+
+
 def resolve_export(path: str | Path) -> Path:
     """The export file for `path`: the file itself, or <run dir>/generator_ema.pt."""
     path = Path(path).expanduser()
     file = path / EXPORT_NAME if path.is_dir() else path
     if not file.is_file():
         where = f"run directory {path} has no {EXPORT_NAME}" if path.is_dir() else f"{path} does not exist"
-        raise FileNotFoundError(f"--checkpoint: {where}; pass a training out_dir after its final export "
+        raise ExportNotFoundError(f"--checkpoint: {where}; pass a training out_dir after its final export "
                                 f"or the {EXPORT_NAME} file itself")
     return file
 

@@ -24,6 +24,7 @@ from simvq_scale import distributed
 from simvq_scale.eval.runner import (WHOLE_SET_WINDOW, add_common_arguments, encoded_batches, finish_tool,
                                      global_code_counts, start_tool, tool_loader)
 from simvq_scale.quant.stats import CodebookUsage, weight_spectrum
+from simvq_scale.tools.user_errors import reports_user_errors
 
 
 def plot_frequency(counts: torch.Tensor, path: Path) -> None:
@@ -65,6 +66,7 @@ def plot_spectrum(singular_values: torch.Tensor, spectrum: dict, path: Path) -> 
     plt.close(fig)
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)

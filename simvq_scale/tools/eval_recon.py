@@ -28,8 +28,10 @@ from simvq_scale import distributed
 from simvq_scale.eval.evaluator import MetricNetworks, skippable_metrics
 from simvq_scale.eval.image import SSIM_CONVENTIONS
 from simvq_scale.eval.runner import add_common_arguments, evaluate, finish_tool, markdown_table, start_tool, tool_loader
+from simvq_scale.tools.user_errors import reports_user_errors
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)

@@ -23,8 +23,10 @@ import webdataset as wds
 from simvq_scale import distributed
 from simvq_scale.eval.runner import (add_common_arguments, encoded_batches, finish_tool, skipped_counts, start_tool,
                                      tool_loader)
+from simvq_scale.tools.user_errors import reports_user_errors
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)

@@ -23,8 +23,10 @@ from tqdm import tqdm
 
 from simvq_scale.inference import load_tokenizer
 from simvq_scale.modality import get_modality
+from simvq_scale.tools.user_errors import reports_user_errors
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="training out_dir (its generator_ema.pt) or an export file")

@@ -23,16 +23,9 @@ import sys
 
 from simvq_scale import distributed
 from simvq_scale.config import CONFIG_HELP, ConfigError, load_config
-from simvq_scale.data import ShardPatternError
-from simvq_scale.pretrained import WeightsNotFoundError
+from simvq_scale.tools.user_errors import exit_code, report
 from simvq_scale.train.heartbeat import Heartbeat
 from simvq_scale.train.preflight import check_inputs
-from simvq_scale.train.run_dir import RunDirError
-from simvq_scale.weights_only import FileLoadError
-
-# exit codes of the errors a user can act on (the heartbeat ends a process with EXIT_RANK_LOST = 7 itself)
-EXIT_CODES = [(ConfigError, 2), (ShardPatternError, 3), (WeightsNotFoundError, 4), (RunDirError, 5),
-              (FileLoadError, 6), (FloatingPointError, 8)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,12 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         same_on_every_rank = getattr(e, "same_on_every_rank", isinstance(e, FloatingPointError))
         if heartbeat is not None and not same_on_every_rank:
             heartbeat.fail(f"{type(e).__name__}: {e}")  # the others stop now, not after the collective timeout
-        code = next((code for error, code in EXIT_CODES if isinstance(e, error)), None)
+        code = exit_code(e)
         if code is None:
             raise
         if os.environ.get("RANK", "0") == "0" or not same_on_every_rank:
-            rank = f"rank {os.environ['RANK']}: " if distributed.world_size() > 1 and not same_on_every_rank else ""
-            print(f"error: {rank}{e}", file=sys.stderr, flush=True)
+            report(e, f"rank {os.environ['RANK']}: " if distributed.world_size() > 1 and not same_on_every_rank else "")
         return code
     if heartbeat is not None:
         heartbeat.finish()

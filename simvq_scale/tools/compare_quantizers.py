@@ -484,7 +484,8 @@ def caption(args, shared: dict, records: list[RunRecord]) -> str:
             f"on `{args.val_shards}` ({'/'.join(map(str, samples)) or 'no'} samples); "
             f"device: {'; '.join(devices) or 'not recorded'}. Utilization and perplexity count the codes chosen over "
             f"the evaluation set; {comparison_note(lookup(shared, KEYS['modality']))}. "
-            + (ema_warning(shared, min(steps)) + " " if steps else "") + "Made by simvq-compare-quantizers.")
+            + "".join(f"{w} " for w in [ema_warning(shared, min(steps)) if steps else ""] if w)
+            + "Made by simvq-compare-quantizers.")
 
 
 def write_report(args, runs: list[PlannedRun], shared: dict) -> list[Path]:

@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             print("  --set " + shlex.join(run.overrides))
     warning = ema_warning(shared, min(run.record.steps for run in runs))
     if warning:
-        print(f"warning: {warning}", flush=True)
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     if args.dry_run:
         return 0
     console = Console()

@@ -92,10 +92,10 @@ def test_kinds_cross_variants_and_steps_win_over_a_variant(tool, demo_data, tmp_
 @pytest.mark.parametrize("decay, steps, share", [(0.999, 250, "78%"), (0.99, 250, "8%"), (0.9, 250, None)])
 def test_short_runs_are_warned_that_their_ema_exports_are_mostly_initial_weights(tool, demo_data, tmp_path, capsys,
                                                                                 decay, steps, share):
-    rc, out, _ = dry_run(tool, capsys, "--config", IMAGE_CONFIG, "--out", str(tmp_path), "--kinds", "simvq",
+    rc, _, err = dry_run(tool, capsys, "--config", IMAGE_CONFIG, "--out", str(tmp_path), "--kinds", "simvq",
                          "--steps", str(steps), "--set", *shard_sets(demo_data), f"model.ema_decay={decay}")
     assert rc == 0
-    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     if share is None:
         assert warnings == []
     else:  # the share left, and a decay that leaves under 5% (the suggested one, applied)

@@ -478,14 +478,14 @@ def caption(args, shared: dict, records: list[RunRecord]) -> str:
     steps = sorted({r.steps for r in records})
     samples = sorted({report["samples"] for r in records if r.status == "ok" and (report := read_eval(r.run_dir))})
     devices = sorted({r.device for r in records if r.device})
+    warning = ema_warning(shared, min(steps)) if steps else ""
     return (f"Runs of `{args.config}` ({lookup(shared, KEYS['modality'])}; "
             f"{'/'.join(f'{s:,}' for s in steps)} steps, global batch {lookup(shared, KEYS['global_batch'])}), "
             f"trained on `{lookup(shared, KEYS['train_shards'])}`; each EMA export evaluated by simvq-eval "
             f"on `{args.val_shards}` ({'/'.join(map(str, samples)) or 'no'} samples); "
             f"device: {'; '.join(devices) or 'not recorded'}. Utilization and perplexity count the codes chosen over "
             f"the evaluation set; {comparison_note(lookup(shared, KEYS['modality']))}. "
-            + "".join(f"{w} " for w in [ema_warning(shared, min(steps)) if steps else ""] if w)
-            + "Made by simvq-compare-quantizers.")
+            + (f"{warning} " if warning else "") + "Made by simvq-compare-quantizers.")
 
 
 def write_report(args, runs: list[PlannedRun], shared: dict) -> list[Path]:

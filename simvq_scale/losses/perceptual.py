@@ -23,4 +23,4 @@ class PerceptualLoss(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        return self.lpips(x.contiguous(), x_hat.contiguous()).mean()
+        return self.lpips(x, x_hat).mean()  # in the batch's own layout (channels_last stays so)

@@ -16,6 +16,7 @@ class ImageModality(Modality):
     sample_noun = "img"
 
     def check_config(self, cfg):
+        from simvq_scale.data.decode import RESAMPLING
         from simvq_scale.models.norms import NORM_GROUPS
 
         m, d, size = cfg.model.image, cfg.model.discriminator, cfg.data.image_size
@@ -27,6 +28,8 @@ class ImageModality(Modality):
         require(all(w % NORM_GROUPS == 0 for w in widths),
                 f"model.image.channels={m.channels} * channel_mult={m.channel_mult} makes widths {widths}; "
                 f"GroupNorm needs multiples of {NORM_GROUPS}")
+        require(cfg.data.image_resample in RESAMPLING,
+                f"data.image_resample={cfg.data.image_resample!r} is not one of {'|'.join(RESAMPLING)}")
         downsampling = 2 ** (len(m.channel_mult) - 1)
         require(size > 0 and size % downsampling == 0,
                 f"data.image_size={size} must be a positive multiple of {downsampling}, the encoder's downsampling "
@@ -58,7 +61,7 @@ class ImageModality(Modality):
     def decode(self, data, sample, train, rng):
         from simvq_scale.data.decode import decode_image
 
-        return decode_image(sample, data.image_size, train, data.random_resize, rng)
+        return decode_image(sample, data.image_size, train, data.random_resize, rng, data.image_resample)
 
     def build_generator(self, cfg, quantizer):
         from simvq_scale.models.image import build_image_autoencoder
@@ -91,7 +94,7 @@ class ImageModality(Modality):
         field = suffix if suffix in IMAGE_FIELDS else "png"  # PIL detects the format from the bytes
         try:
             return decode_image({"__key__": str(path), field: path.read_bytes()}, data.image_size, False, False,
-                                np.random.default_rng(0))
+                                np.random.default_rng(0), data.image_resample)
         except BadSample as e:
             raise ValueError(f"cannot read image {path}: {e}") from None
 

@@ -14,9 +14,10 @@ cuDNN autotuning) are excluded; the timed steps run back to back and are measure
 synchronizations. Printed: a table and one JSON line per variant with samples_per_s (audio: seconds of
 audio per second as well), step_ms, peak_mem_gib (max allocated over the variant), model_tflops_per_gpu
 and mfu by the trainer's FLOP count, compile_s (the warm-up steps' time above the steady step time),
-first_step_s, and the default/baseline ratio. The default variant is the config as given; each
---baseline NAME:KEY=VALUE,KEY=VALUE adds a variant (e.g. today's eager path). Runs on one process
-(world size 1; plain python, no launcher); CPU works for a smoke test.
+first_step_s, and the default/baseline ratio; with --profile also the device kernel time per step by kind
+(convolutions, layout transposes, compiled fused kernels, search, optimizer, copies). The default variant
+is the config as given; each --baseline NAME:KEY=VALUE,KEY=VALUE adds a variant (e.g. today's eager
+path). Runs on one process (world size 1; plain python, no launcher); CPU works for a smoke test.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
         trainer.train_step(batch(i))
     synchronize(device)
     elapsed = time.perf_counter() - start
-    if args.profile:  # a few more steps under the profiler, after (and apart from) the timed ones
-        profile_steps(trainer, batch, name, args, device)
+    # a few more steps under the profiler, after (and apart from) the timed ones
+    kernel_ms = profile_steps(trainer, batch, name, args, device) if args.profile else {}
     step_s = elapsed / args.steps
     samples = cfg.train.global_batch
     unit = trainer.modality.samples_per_unit(cfg.data)
@@ -110,13 +111,44 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
         "compile_s": sum(t - step_s for t in warmup_times) if warmup_times else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "steps": args.steps, "warmup": args.warmup, "data": args.data,
+        "kernel_ms_per_step": kernel_ms,  # by kind, from --profile (empty without it, or on a CPU)
     }
     del trainer, pool, batches
     gc.collect()
     return row
 
 
-def profile_steps(trainer, batch, name: str, args, device: torch.device) -> None:
+# Device kernels by what they do, first match wins (substrings of the kernel names seen in H200 profiles of the
+# image and audio steps): the summary that says whether layout transposes or launches are where the time goes.
+KERNEL_KINDS = (
+    ("layout transposes", ("nchwToNhwc", "nhwcToNchw")),
+    ("compiled fused kernels", ("triton_",)),  # before "conv": inductor names them after the ops they fuse
+    ("convolutions", ("fprop", "dgrad", "wgrad", "conv")),
+    ("matrix products", ("gemm", "cutlass", "cublas")),
+    ("codebook search", ("_best_tiles", "nearest")),
+    ("optimizer", ("multi_tensor", "adam", "Adam")),
+    ("copies and casts", ("Memcpy", "Memset", "copy", "CatArrayBatched")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, keys in KERNEL_KINDS if any(key in name for key in keys)), "other kernels")
+
+
+def kernel_time_by_kind(kernels: list[tuple[str, float]], steps: int) -> dict[str, float]:
+    """(kernel name, device microseconds) -> milliseconds per step for each kind, with "total", largest first."""
+    per_kind: dict[str, float] = {}
+    for kernel_name, us in kernels:
+        kind = kernel_kind(kernel_name)
+        per_kind[kind] = per_kind.get(kind, 0.0) + us / 1000 / steps
+    summary = dict(sorted(per_kind.items(), key=lambda item: -item[1]))
+    return summary | {"total": sum(per_kind.values())}
+
+
+def profile_steps(trainer, batch, name: str, args, device: torch.device) -> dict[str, float]:
+    """Profile --profile-steps more steps: the op table to DIR/NAME.txt, and device kernel time per step by kind
+    (returned; empty on a CPU, which runs no kernels)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -126,10 +158,17 @@ def profile_steps(trainer, batch, name: str, args, device: torch.device) -> None
         synchronize(device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort, row_limit=args.profile_rows)
+    kernels = [(event.name, event.self_device_time_total) for event in profiler.events()
+               if event.device_type == DeviceType.CUDA]
+    by_kind = kernel_time_by_kind(kernels, args.profile_steps) if kernels else {}
+    summary = "\n".join(f"  {kind:<24} {ms:8.2f} ms/step" for kind, ms in by_kind.items())
     folder = Path(args.profile)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.txt").write_text(table)
+    (folder / f"{name}.txt").write_text(table + ("\n\ndevice kernels by kind:\n" + summary if summary else ""))
     print(f"[{name}] profile of {args.profile_steps} steps ({folder / name}.txt):\n{table}", flush=True)
+    if summary:
+        print(f"[{name}] device kernels by kind:\n{summary}", flush=True)
+    return by_kind
 
 
 def format_table(rows: list[dict]) -> str:

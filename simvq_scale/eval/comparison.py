@@ -22,6 +22,9 @@ UTILIZATION_TAG = "codebook/utilization"
 PERPLEXITY_TAG = "codebook/perplexity"
 W_TAGS = (("W/rank", "numerical rank of W"), ("W/effective_rank", "effective rank of W"),
           ("W/fro_norm", "Frobenius norm of W"))
+# (metrics.jsonl tag, column heading, format): the trainer's figures over its usage window at the last logged
+# step, which a small evaluation set cannot show (its tokens cap its utilization at tokens / K)
+TRAINING_COLUMNS = ((UTILIZATION_TAG, "train utilization", ".3f"), (PERPLEXITY_TAG, "train perplexity", ".1f"))
 # (eval.json metric, column heading, format) of every modality's table, before its evaluator's TABLE_COLUMNS;
 # utilization and perplexity are over the evaluation set
 CODEBOOK_COLUMNS = (("utilization", "utilization", ".3f"), ("perplexity", "perplexity", ".1f"))
@@ -106,27 +109,35 @@ def comparison_note(modality: str) -> str:
 
 
 def markdown_table(records: list[RunRecord], modality: str, caption: str) -> str:
-    """The caption, one row per run (figures from its eval.json), and the reasons of unavailable metrics."""
+    """The caption, one row per run (the trainer's last usage figures, then the figures of its eval.json), the
+    ceiling a small evaluation set puts on utilization, and the reasons of unavailable metrics."""
     columns = table_columns(modality)
-    lines = [caption, "", "| run | quantizer | K | steps | " + " | ".join(h for _, h, _ in columns) + " | note |",
-             "|---|---|---|---|" + "---|" * len(columns) + "---|"]
+    headings = [h for _, h, _ in TRAINING_COLUMNS + columns]
+    lines = [caption, "", "| run | quantizer | K | steps | " + " | ".join(headings) + " | note |",
+             "|---|---|---|---|" + "---|" * len(headings) + "---|"]
     reports = []
     for record in records:
         report = read_eval(record.run_dir) if record.status == "ok" else None
+        series = read_metrics(record.run_dir) if record.status == "ok" else {}
+        cells = [_cell(series[tag][-1][1], fmt) if tag in series else NO_FIGURE for tag, _, fmt in TRAINING_COLUMNS]
         if report is None:
-            cells = [NO_FIGURE] * len(columns)
+            cells += [NO_FIGURE] * len(columns)
         else:
             reports.append(report)
-            cells = [_cell(report["metrics"][m], fmt) if m in report["metrics"] else UNAVAILABLE
-                     for m, _, fmt in columns]
+            cells += [_cell(report["metrics"][m], fmt) if m in report["metrics"] else UNAVAILABLE
+                      for m, _, fmt in columns]
         note = record.note if record.status == "ok" else f"{record.status}: {record.note}"
         lines.append(f"| {record.name} | {record.kind} | {record.codebook_size:,} | {record.steps:,} | "
                      + " | ".join(cells) + f" | {note} |")
+    ceilings = sorted({(r["tokens"], r["codebook_size"]) for r in reports if r.get("tokens", 0) < r["codebook_size"]})
     reasons = _unavailable_reasons(reports, tuple(m for m, _, _ in columns))
-    if reasons:
+    if ceilings or reasons:
         lines.append("")
-        headings = {m: h for m, h, _ in columns}
-        lines += [f"{headings[m]} {UNAVAILABLE}: {'; '.join(r)}" for m, r in reasons.items()]
+    lines += [f"utilization over the evaluation set cannot exceed {tokens / k:.3f} at K = {k:,}: its {tokens:,} "
+              "tokens are fewer than the codes (the train columns count the trainer's usage window)"
+              for tokens, k in ceilings]
+    eval_headings = {m: h for m, h, _ in columns}
+    lines += [f"{eval_headings[m]} {UNAVAILABLE}: {'; '.join(r)}" for m, r in reasons.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -484,7 +484,8 @@ def caption(args, shared: dict, records: list[RunRecord]) -> str:
             f"trained on `{lookup(shared, KEYS['train_shards'])}`; each EMA export evaluated by simvq-eval "
             f"on `{args.val_shards}` ({'/'.join(map(str, samples)) or 'no'} samples); "
             f"device: {'; '.join(devices) or 'not recorded'}. Utilization and perplexity count the codes chosen over "
-            f"the evaluation set; {comparison_note(lookup(shared, KEYS['modality']))}. "
+            f"the evaluation set, train utilization and perplexity those of the trainer's usage window at its last "
+            f"logged step; {comparison_note(lookup(shared, KEYS['modality']))}. "
             + (f"{warning} " if warning else "") + "Made by simvq-compare-quantizers.")
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from simvq_scale.eval.comparison import read_metrics
+from simvq_scale.eval.comparison import RunRecord, markdown_table, read_metrics
 from simvq_scale.tools import compare_quantizers, make_lc_features
 from tests.helpers import OFFLINE_EVAL, ROOT, TINY_COMPARISON
 
@@ -177,6 +177,26 @@ def test_a_resumed_runs_repeated_steps_keep_their_last_line(tmp_path):
     assert read_metrics(tmp_path)["codebook/utilization"] == [(2, 0.1), (4, 0.2), (6, 0.35), (8, 0.4)]
 
 
+def test_the_table_shows_the_trainers_usage_and_the_ceiling_a_small_evaluation_set_puts_on_utilization(tmp_path):
+    runs = []
+    for name, k, tokens, train_util in (("small", 256, 4352, 0.9), ("large", 65536, 4352, 0.385)):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text(_metrics_line(10, 1.0, 0.1) + _metrics_line(20, 2.0, train_util))
+        (run_dir / "eval.json").write_text(json.dumps({
+            "samples": 17, "tokens": tokens, "codebook_size": k, "unavailable": {},
+            "metrics": {"utilization": min(1.0, tokens / k), "perplexity": 10.0, "psnr": 20.0, "ssim": 0.5}}))
+        runs.append(RunRecord(name, "simvq", k, 20, run_dir))
+    table = markdown_table(runs, "image", "caption")
+    rows = [[c.strip() for c in line.strip("| ").split("|")] for line in table.splitlines() if line.startswith("| ")]
+    cells = {row[0]: dict(zip(rows[0], row)) for row in rows[1:]}
+    assert cells["large"]["train utilization"] == "0.385" and cells["small"]["train utilization"] == "0.900"
+    assert cells["large"]["utilization"] == "0.066"
+    ceilings = [line for line in table.splitlines() if "cannot exceed" in line]
+    assert ceilings == ["utilization over the evaluation set cannot exceed 0.066 at K = 65,536: its 4,352 tokens "
+                        "are fewer than the codes (the train columns count the trainer's usage window)"]
+
+
 def test_a_run_is_finished_only_with_an_export_written_after_its_last_step(tool, tmp_path):
     (tmp_path / "metrics.jsonl").write_text(_metrics_line(10, 1000.0, 0.5))
     assert not tool.training_done(tmp_path, 10)  # no export yet
@@ -246,6 +266,7 @@ def test_three_quantizers_on_demo_shards_make_a_table_read_back_from_their_runs(
         assert cells["LPIPS"] == cells["rFID"] == "unavailable" and csv_rows[name]["rfid"] == ""
         series = read_metrics(out / name)
         assert float(csv_rows[name]["train_utilization"]) == series["codebook/utilization"][-1][1]
+        assert _value(cells["train utilization"]) == pytest.approx(series["codebook/utilization"][-1][1], abs=5e-4)
         assert [s for s, _ in series["loss/recon"]] == [1, 2]
     assert "levels [8, 8, 4]" in rows["fsq"][-1] and "simvq-make-lc-features" in rows["lc"][-1]
     assert "rFID unavailable: skipped (--skip)" in table

@@ -1,6 +1,7 @@
 """tools/bench_train.py: the kernel summary of --profile, and the real tool on a CPU (one JSON line per variant)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,8 +42,10 @@ def test_time_by_kind_is_per_step_largest_first_with_a_total():
 def test_the_real_tool_times_a_default_and_a_baseline_on_a_cpu(demo_data, tmp_path):
     jsonl = tmp_path / "bench.jsonl"
     overrides = [o for o in TINY_IMAGE if not o.startswith("train.global_batch")]
+    shards = Path(demo_data["dir"]).parent  # demo.json's patterns are relative to the folder holding the demo data
     done = run_tool("bench_train.py", "--config", str(ROOT / "configs" / "image_demo.yaml"), "--set", *overrides,
-                    f"data.train_shards={demo_data['image_train']}", "train.global_batch=2", "train.val_every=0",
+                    f"data.train_shards={shards / demo_data['image_train']}",
+                    f"data.val_shards={shards / demo_data['image_val']}", "train.global_batch=2", "train.val_every=0",
                     "--steps", "2", "--warmup", "1", "--baseline", "vq:quantizer.kind=vq",
                     "--out-dir", str(tmp_path / "runs"), "--profile", str(tmp_path / "profile"),
                     "--profile-steps", "1", "--json", str(jsonl))

@@ -129,7 +129,8 @@ def markdown_table(records: list[RunRecord], modality: str, caption: str) -> str
         note = record.note if record.status == "ok" else f"{record.status}: {record.note}"
         lines.append(f"| {record.name} | {record.kind} | {record.codebook_size:,} | {record.steps:,} | "
                      + " | ".join(cells) + f" | {note} |")
-    ceilings = sorted({(r["tokens"], r["codebook_size"]) for r in reports if r.get("tokens", 0) < r["codebook_size"]})
+    ceilings = sorted({(r["tokens"], r["codebook_size"]) for r in reports
+                       if "tokens" in r and r["tokens"] < r["codebook_size"]})
     reasons = _unavailable_reasons(reports, tuple(m for m, _, _ in columns))
     if ceilings or reasons:
         lines.append("")

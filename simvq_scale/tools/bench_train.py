@@ -28,12 +28,14 @@ import json
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from simvq_scale import distributed
 from simvq_scale.config import CONFIG_HELP, ConfigError, load_config
+from simvq_scale.train.logging import Ticker
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -79,8 +81,10 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
     warmup_times = []
     for i in range(args.warmup):
         start = time.perf_counter()
-        trainer.train_step(batch(i))
-        synchronize(device)
+        with Ticker(lambda line: print(line, flush=True), f"[{name}] warm-up step 1 (compiling, autotuning)") \
+                if i == 0 else nullcontext():
+            trainer.train_step(batch(i))
+            synchronize(device)
         warmup_times.append(time.perf_counter() - start)
         print(f"[{name}] warm-up step {i + 1}/{args.warmup}: {warmup_times[-1]:.2f} s", flush=True)
     synchronize(device)

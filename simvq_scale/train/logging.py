@@ -11,6 +11,7 @@ import json
 import math
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,3 +128,26 @@ class Stopwatch:
         now = time.perf_counter()
         elapsed, self.last = now - self.last, now
         return elapsed
+
+
+class Ticker:
+    """While its block runs, `say(f"{what} ({seconds} s so far)")` every `every` seconds from a helper thread:
+    the first compiled step runs for minutes without a line of its own, which reads as a hang."""
+
+    def __init__(self, say, what: str, every: float = 30.0):
+        self.say, self.what, self.every = say, what, every
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+
+    def _tick(self) -> None:
+        start = time.perf_counter()
+        while not self._done.wait(self.every):
+            self.say(f"{self.what} ({time.perf_counter() - start:.0f} s so far)")
+
+    def __enter__(self) -> "Ticker":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()

@@ -18,6 +18,7 @@ audio-specific.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from simvq_scale.train import flops
 from simvq_scale.train.checkpoint import Checkpointer
 from simvq_scale.train.ema import EMA
 from simvq_scale.train.engines import build_engine, compile_networks
-from simvq_scale.train.logging import ConsoleLogger, NoOpLogger, RunLogger, Stopwatch
+from simvq_scale.train.logging import ConsoleLogger, NoOpLogger, RunLogger, Stopwatch, Ticker
 from simvq_scale.train.metrics import Metrics
 from simvq_scale.train.nonfinite import NonFiniteGuard
 from simvq_scale.train.run_dir import CONFIG_FILE, RunDir, resolve_resume
@@ -232,7 +233,10 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(self.batches)
             waited = time.perf_counter() - t0
-            self.train_step(self.to_device(batch["x"]))
+            # the first compiled step compiles for minutes (130 s for image_262k on an H200): say it is alive
+            compiling = first and self.compiled
+            with Ticker(self.log.console, "first step: still compiling") if compiling else nullcontext():
+                self.train_step(self.to_device(batch["x"]))
             self.metrics.end_step(waited)
             if first:
                 self.log.console(f"first step done ({time.perf_counter() - t0:.1f} s{', compiling' if self.compiled else ''})")

@@ -237,3 +237,17 @@ def test_readme_monitoring_section_names_every_tag_and_no_other():
     assert not missing, f"README's Monitoring section does not name {missing}"
     unknown = sorted(n for n in named if re.fullmatch(r"[A-Za-z]\w*(/\w+)+", n) and n not in TAG_NAMES)
     assert not unknown, f"README's Monitoring section names tags that metrics.TAGS does not have: {unknown}"
+
+
+def test_ticker_speaks_while_its_block_runs_and_stops_with_it():
+    import time
+
+    from simvq_scale.train.logging import Ticker
+
+    lines = []
+    with Ticker(lines.append, "first step: still compiling", every=0.02):
+        time.sleep(0.3)
+    said = len(lines)
+    time.sleep(0.1)
+    assert said >= 2 and len(lines) == said  # nothing after the block
+    assert all(line.startswith("first step: still compiling (") and line.endswith(" s so far)") for line in lines)

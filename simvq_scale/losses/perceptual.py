@@ -15,7 +15,9 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, path: str = ""):
         super().__init__()
-        self.lpips = load_lpips("vgg", path)
+        # channels_last weights and inputs: cuDNN's bf16 convolutions are NHWC, and an NCHW trunk had every
+        # VGG convolution wrapped in NCHW<->NHWC transposes (most of the image step's transposes on an H200)
+        self.lpips = load_lpips("vgg", path).to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> "PerceptualLoss":
         super().train(mode)
@@ -23,4 +25,5 @@ class PerceptualLoss(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
-        return self.lpips(x, x_hat).mean()  # in the batch's own layout (channels_last stays so)
+        layout = torch.channels_last
+        return self.lpips(x.contiguous(memory_format=layout), x_hat.contiguous(memory_format=layout)).mean()

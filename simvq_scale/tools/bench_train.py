@@ -156,23 +156,59 @@ def profile_steps(trainer, batch, name: str, args, device: torch.device) -> dict
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
+    with profile(activities=activities, record_shapes=True) as profiler:
         for i in range(args.profile_steps):
             trainer.train_step(batch(i))
         synchronize(device)
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort, row_limit=args.profile_rows)
-    kernels = [(event.name, event.self_device_time_total) for event in profiler.events()
-               if event.device_type == DeviceType.CUDA]
+    events = profiler.events()
+    kernels = [(event.name, event.self_device_time_total) for event in events if event.device_type == DeviceType.CUDA]
     by_kind = kernel_time_by_kind(kernels, args.profile_steps) if kernels else {}
     summary = "\n".join(f"  {kind:<24} {ms:8.2f} ms/step" for kind, ms in by_kind.items())
+    transposes = format_transpose_sources(transpose_sources(events, args.profile_steps))
     folder = Path(args.profile)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.txt").write_text(table + ("\n\ndevice kernels by kind:\n" + summary if summary else ""))
+    (folder / f"{name}.txt").write_text(table + ("\n\ndevice kernels by kind:\n" + summary if summary else "")
+                                        + ("\n\n" + transposes if transposes else ""))
     print(f"[{name}] profile of {args.profile_steps} steps ({folder / name}.txt):\n{table}", flush=True)
     if summary:
         print(f"[{name}] device kernels by kind:\n{summary}", flush=True)
+    if transposes:
+        print(f"[{name}] {transposes}", flush=True)
     return by_kind
+
+
+def transpose_sources(events, steps: int) -> list[dict]:
+    """Which ops launched the layout transposes: (region, op, input shapes) -> calls and ms per step, largest
+    first. The region is the outermost op above (a compiled graph, its backward, or an eager module's
+    autograd node), so a transpose inside a compiled network and one in an eager loss network tell apart."""
+    groups: dict[tuple, dict] = {}
+    for event in events:
+        launched = [k for k in getattr(event, "kernels", []) if kernel_kind(k.name) == "layout transposes"]
+        if not launched:
+            continue
+        op = event
+        while op.cpu_parent is not None and not (op.name.startswith("aten::") and op.input_shapes):
+            op = op.cpu_parent
+        region = op
+        while region.cpu_parent is not None:
+            region = region.cpu_parent
+        shapes = " ".join(str(list(shape)) for shape in op.input_shapes[:2] if shape)
+        group = groups.setdefault((region.name[:48], op.name, shapes), {"calls": 0.0, "ms": 0.0})
+        group["calls"] += len(launched) / steps
+        group["ms"] += sum(k.duration for k in launched) / 1000 / steps
+    return [{"region": region, "op": op, "shapes": shapes, **figures}
+            for (region, op, shapes), figures in sorted(groups.items(), key=lambda item: -item[1]["ms"])]
+
+
+def format_transpose_sources(sources: list[dict], rows: int = 12) -> str:
+    if not sources:
+        return ""
+    lines = ["layout transposes by the op that launched them (per step):"]
+    lines += [f"  {s['ms']:7.2f} ms {s['calls']:6.1f} calls  {s['region']:<48} {s['op']:<28} {s['shapes']}"
+              for s in sources[:rows]]
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -85,3 +85,24 @@ def test_perceptual_loss_is_frozen_scalar_and_differentiable_in_x_hat(random_lpi
     assert loss.ndim == 0
     loss.backward()
     assert x_hat.grad.abs().sum() > 0
+
+
+def test_perceptual_loss_runs_its_convolutions_channels_last_with_unchanged_value(random_lpips):
+    """cuDNN's bf16 convolutions are NHWC: an NCHW trunk paid a layout transpose around every one."""
+    import copy
+
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last)
+        and m.weight.is_contiguous(memory_format=torch.channels_last)))
+        for m in random_lpips.modules() if isinstance(m, torch.nn.Conv2d)]
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    x_hat = (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    try:
+        value = random_lpips(x, x_hat)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(seen) >= 2 * 13 and all(seen)  # both images through the 13 VGG convolutions, then the heads
+    nchw = copy.deepcopy(random_lpips.lpips).to(memory_format=torch.contiguous_format)
+    assert value.item() == pytest.approx(nchw(x, x_hat).mean().item(), rel=1e-5)

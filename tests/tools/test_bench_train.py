@@ -5,7 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from simvq_scale.tools.bench_train import kernel_kind, kernel_time_by_kind
+from types import SimpleNamespace
+
+from torch.autograd.profiler_util import Kernel
+
+from simvq_scale.tools.bench_train import kernel_kind, kernel_time_by_kind, transpose_sources
 from tests.helpers import ROOT, TINY_IMAGE, run_tool
 
 # kernel names as an H200 profile of the compiled image step prints them
@@ -36,6 +40,33 @@ def test_time_by_kind_is_per_step_largest_first_with_a_total():
     assert summary["convolutions"] == pytest.approx(1.5)
     assert summary["layout transposes"] == pytest.approx(0.5)
     assert summary["total"] == pytest.approx(2.1)
+
+
+def op(name, parent=None, shapes=(), kernels=()):
+    return SimpleNamespace(name=name, cpu_parent=parent, input_shapes=list(shapes), kernels=list(kernels))
+
+
+def test_transposes_are_traced_to_the_op_and_region_that_launched_them():
+    """Walks up from the launch to the nearest aten op with shapes, and to the outermost region."""
+    compiled = op("CompiledFunctionBackward")
+    conv_backward = op("aten::convolution_backward", compiled, [[64, 128, 32, 32], [64, 128, 32, 32]])
+    eager = op("autograd::engine::evaluate_function: ConvolutionBackward0")
+    eager_conv = op("aten::cudnn_convolution", op("aten::convolution", eager, [[64, 3, 128, 128]]),
+                    [[64, 3, 128, 128], [64, 3, 3, 3]])
+    events = [
+        compiled, conv_backward, eager, eager_conv,
+        op("cudaLaunchKernel", conv_backward, kernels=[Kernel(TRANSPOSE, 0, 40.0), Kernel(CONV, 0, 500.0)]),
+        op("cudaLaunchKernel", eager_conv, kernels=[Kernel(TRANSPOSE, 0, 300.0)]),
+        op("cudaLaunchKernel", eager_conv, kernels=[Kernel(TRANSPOSE, 0, 300.0)]),
+        op("cudaLaunchKernel", eager_conv, kernels=[Kernel(CONV, 0, 900.0)]),  # no transpose: not counted
+    ]
+    sources = transpose_sources(events, steps=2)
+    assert [(s["region"], s["op"]) for s in sources] == [
+        ("autograd::engine::evaluate_function: Convolution", "aten::cudnn_convolution"),  # region cut to 48
+        ("CompiledFunctionBackward", "aten::convolution_backward")]
+    assert sources[0]["shapes"] == "[64, 3, 128, 128] [64, 3, 3, 3]"
+    assert sources[0]["calls"] == 1.0 and sources[0]["ms"] == pytest.approx(0.3)
+    assert sources[1]["calls"] == 0.5 and sources[1]["ms"] == pytest.approx(0.02)
 
 
 @pytest.mark.slow

@@ -62,6 +62,7 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
 
     cfg = load_config(config, [*args.set, *overrides, f"train.out_dir={args.out_dir}/{name}"])
     cfg.validate(distributed.world_size())
+    forget_compiled_graphs()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -122,6 +123,15 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
     return row
 
 
+def forget_compiled_graphs() -> None:
+    """Drop every graph compiled so far. Dynamo caches a graph by the forward's code and its guards pass for a
+    new instance of the same module class, so without this a later variant ran the first variant's graphs
+    (its own compile settings, e.g. train.compile_mode or model.channels_last, silently unused)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
 # Device kernels by what they do, first match wins (substrings of the kernel names seen in H200 profiles of the
 # image and audio steps): the summary that says whether layout transposes or launches are where the time goes.
 KERNEL_KINDS = (
@@ -163,7 +173,9 @@ def profile_steps(trainer, batch, name: str, args, device: torch.device) -> dict
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort, row_limit=args.profile_rows)
     events = profiler.events()
-    kernels = [(event.name, event.self_device_time_total) for event in events if event.device_type == DeviceType.CUDA]
+    # kernels only: the compiled graphs' ranges on the device timeline ("## Call CompiledFxGraph") are annotations
+    kernels = [(event.name, event.self_device_time_total) for event in events
+               if event.device_type == DeviceType.CUDA and not event.is_user_annotation]
     by_kind = kernel_time_by_kind(kernels, args.profile_steps) if kernels else {}
     summary = "\n".join(f"  {kind:<24} {ms:8.2f} ms/step" for kind, ms in by_kind.items())
     transposes = format_transpose_sources(transpose_sources(events, args.profile_steps))
@@ -180,8 +192,8 @@ def profile_steps(trainer, batch, name: str, args, device: torch.device) -> dict
 
 
 def transpose_sources(events, steps: int) -> list[dict]:
-    """Which ops launched the layout transposes: (region, op, input shapes) -> calls and ms per step, largest
-    first. The region is the outermost op above (a compiled graph, its backward, or an eager module's
+    """Which ops launched the layout transposes: (region, op, its first two input shapes) -> calls and ms per
+    step, largest first. The region is the outermost op above (a compiled graph, its backward, or an eager module's
     autograd node), so a transpose inside a compiled network and one in an eager loss network tell apart."""
     groups: dict[tuple, dict] = {}
     for event in events:
@@ -194,7 +206,7 @@ def transpose_sources(events, steps: int) -> list[dict]:
         region = op
         while region.cpu_parent is not None:
             region = region.cpu_parent
-        shapes = " ".join(str(list(shape)) for shape in op.input_shapes[:2] if shape)
+        shapes = tuple(tuple(shape) for shape in op.input_shapes[:2] if shape)
         group = groups.setdefault((region.name[:48], op.name, shapes), {"calls": 0.0, "ms": 0.0})
         group["calls"] += len(launched) / steps
         group["ms"] += sum(k.duration for k in launched) / 1000 / steps
@@ -206,8 +218,8 @@ def format_transpose_sources(sources: list[dict], rows: int = 12) -> str:
     if not sources:
         return ""
     lines = ["layout transposes by the op that launched them (per step):"]
-    lines += [f"  {s['ms']:7.2f} ms {s['calls']:6.1f} calls  {s['region']:<48} {s['op']:<28} {s['shapes']}"
-              for s in sources[:rows]]
+    lines += [f"  {s['ms']:7.2f} ms {s['calls']:6.1f} calls  {s['region']:<48} {s['op']:<28} "
+              + " ".join(str(list(shape)) for shape in s["shapes"]) for s in sources[:rows]]
     return "\n".join(lines)
 
 

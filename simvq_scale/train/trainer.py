@@ -93,10 +93,11 @@ class Trainer:
 
         self.state = TrainState(ema=EMA(self.generator, cfg.model.ema_decay))  # before compile: no deep copy then
         self.compiled = self._compile_enabled()
+        self.channels_last = self.compiled and cfg.model.channels_last and len(self.sample_shape) == 3  # images
         if self.compiled:
             names = compile_networks({"encoder": self.generator.encoder, "decoder": self.generator.decoder,
                                       "discriminator": self.discriminator, **self.objective.networks()},
-                                     cfg.train.compile_mode)
+                                     cfg.train.compile_mode, self.channels_last)
             self.log.console(f"compiling {', '.join(names)} (mode {cfg.train.compile_mode}): the first steps "
                              "take longer while the compiler works")
         # a resume at another world size loads DeepSpeed's universal checkpoint (checkpointer.deepspeed_config)
@@ -164,7 +165,7 @@ class Trainer:
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A batch from the loader on this rank's device, in the memory layout the networks run in."""
         x = x.to(self.device, non_blocking=True)
-        if x.dim() == 4 and self.device.type == "cuda" and self.cfg.model.channels_last:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 

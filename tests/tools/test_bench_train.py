@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from torch.autograd.profiler_util import Kernel
 
-from simvq_scale.tools.bench_train import kernel_kind, kernel_time_by_kind, transpose_sources
+from simvq_scale.tools.bench_train import forget_compiled_graphs, kernel_kind, kernel_time_by_kind, transpose_sources
 from tests.helpers import ROOT, TINY_IMAGE, run_tool
 
 # kernel names as an H200 profile of the compiled image step prints them
@@ -42,6 +42,36 @@ def test_time_by_kind_is_per_step_largest_first_with_a_total():
     assert summary["total"] == pytest.approx(2.1)
 
 
+def test_each_variant_compiles_its_own_graphs():
+    """A second instance of a compiled module class reuses the first one's graph unless the graphs are
+    forgotten, which is what made a later variant's compile settings silently not apply."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).relu()
+
+    x = torch.randn(1, 3, 8, 8)
+
+    def compile_and_run() -> int:
+        before = counters["stats"]["unique_graphs"]
+        block = Block()
+        block.compile(backend="eager")
+        block(x)
+        return counters["stats"]["unique_graphs"] - before
+
+    forget_compiled_graphs()
+    assert compile_and_run() == 1
+    assert compile_and_run() == 0  # the trap: the new instance ran the cached graph
+    forget_compiled_graphs()
+    assert compile_and_run() == 1
+
+
 def op(name, parent=None, shapes=(), kernels=()):
     return SimpleNamespace(name=name, cpu_parent=parent, input_shapes=list(shapes), kernels=list(kernels))
 
@@ -64,7 +94,7 @@ def test_transposes_are_traced_to_the_op_and_region_that_launched_them():
     assert [(s["region"], s["op"]) for s in sources] == [
         ("autograd::engine::evaluate_function: Convolution", "aten::cudnn_convolution"),  # region cut to 48
         ("CompiledFunctionBackward", "aten::convolution_backward")]
-    assert sources[0]["shapes"] == "[64, 3, 128, 128] [64, 3, 3, 3]"
+    assert sources[0]["shapes"] == ((64, 3, 128, 128), (64, 3, 3, 3))
     assert sources[0]["calls"] == 1.0 and sources[0]["ms"] == pytest.approx(0.3)
     assert sources[1]["calls"] == 0.5 and sources[1]["ms"] == pytest.approx(0.02)
 

@@ -1,0 +1,48 @@
+"""model.channels_last on a GPU: the compiled image step runs its convolutions NHWC, so cuDNN transposes no
+activations (torch.profiler's kernels, traced to their ops with bench_train's --profile helpers)."""
+
+import pytest
+import torch
+
+from tests.dist_utils import run_distributed
+from tests.helpers import make_trainer, tiny_overrides
+
+
+def step_kernels_worker(rank, world_size, overrides):
+    import os
+
+    os.environ["DS_ACCELERATOR"] = "cuda"  # the test children default to DeepSpeed's CPU accelerator
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from simvq_scale.tools.bench_train import kernel_kind, transpose_sources
+
+    trainer = make_trainer(overrides)
+    x = trainer.to_device(next(iter(trainer.loader))["x"])
+    for _ in range(2):  # compiles
+        trainer.train_step(x)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as profiler:
+        trainer.train_step(x)
+        torch.cuda.synchronize()
+    events = profiler.events()
+    kinds = [kernel_kind(e.name) for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    return {"kinds": {kind: kinds.count(kind) for kind in set(kinds)}, "transposes": transpose_sources(events, 1),
+            "channels_last": trainer.channels_last}
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_channels_last_compiled_step_transposes_no_activations(demo_data, tmp_path):
+    overrides = tiny_overrides(demo_data, tmp_path / "run", "train.compile=true", "train.precision=bf16",
+                               "model.channels_last=true")
+    result = run_distributed(step_kernels_worker, 1, overrides, init_process_group=False, timeout_s=600)[0]
+    assert result["channels_last"] and result["kinds"].get("convolutions", 0) > 0, result["kinds"]
+    # only D's head may be left: its output has one channel, which has no layout of its own to keep. Its
+    # forward's second input is the weight (out channels first), its backward's first the one-channel gradient
+    def one_channel_output(source):
+        first, second = source["shapes"]
+        return second[0] == 1 if source["op"] == "aten::cudnn_convolution" else first[1] == 1
+
+    others = [s for s in result["transposes"] if not one_channel_output(s)]
+    assert not others, others

@@ -87,6 +87,7 @@ class SkipLSTM(nn.Module):
         super().__init__()
         self.lstm = nn.LSTM(channels, channels, layers)
 
+    @torch.compiler.disable  # the compiler does not trace RNNs: this runs eager between two compiled graphs
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seq = x.permute(2, 0, 1)  # (T, B, C)
         y, _ = self.lstm(seq)
@@ -111,6 +112,7 @@ class SEANetEncoder(nn.Module):
             layers += [SEANetResidualBlock(width, 2 ** j, causal) for j in range(residual_layers)]
             layers += [nn.ELU(), PaddedConv1d(width, 2 * width, 2 * stride, stride=stride, causal=causal)]
             width *= 2
+        self.lstm_index = len(layers) if lstm_layers else None
         if lstm_layers:
             layers.append(SkipLSTM(width, lstm_layers))
         layers += [nn.ELU(), PaddedConv1d(width, dim, 7, causal=causal)]
@@ -120,7 +122,14 @@ class SEANetEncoder(nn.Module):
         if wave.dim() != 2:
             raise ValueError(f"the audio encoder takes (batch, samples) waveforms, got shape {tuple(wave.shape)}")
         pad = -wave.shape[-1] % self.hop  # to a multiple of the hop: every strided conv divides exactly
-        return self.model(F.pad(wave, (0, pad)).unsqueeze(1))
+        x = F.pad(wave, (0, pad)).unsqueeze(1)
+        if self.lstm_index is None:
+            return self.model(x)
+        # The eager LSTM is called here, not inside nn.Sequential's loop: the compiler cannot resume a graph
+        # inside a loop, and a break there made it compile every layer call as a graph of its own (one per
+        # channel width, recompiled for each), with no fusion between layers
+        i = self.lstm_index
+        return self.model[i + 1:](self.model[i](self.model[:i](x)))
 
 
 class PrenetResBlock(nn.Module):

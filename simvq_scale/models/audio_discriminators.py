@@ -51,7 +51,8 @@ class PeriodDiscriminator(nn.Module):
 
 
 class ResolutionDiscriminator(nn.Module):
-    """(B, T) -> logits (B, n) and feature maps, on the magnitude STFT at one resolution."""
+    """(B, 1, freq, frames) magnitude STFT at its resolution (`spectrogram(wave)`) -> logits (B, n) and
+    feature maps."""
 
     def __init__(self, resolution: list[int], channels: int = 64):
         super().__init__()
@@ -67,7 +68,6 @@ class ResolutionDiscriminator(nn.Module):
         ])
         self.conv_post = weight_norm(nn.Conv2d(channels, 1, 3, padding=1))
 
-    @torch.compiler.disable  # inductor's FFT kernels failed their stride checks (torch 2.11): eager, fp32
     def spectrogram(self, wave: torch.Tensor) -> torch.Tensor:
         with autocast_off(wave.device):  # no bf16 FFT; the magnitude in fp32
             rectangular = torch.ones(self.win, device=wave.device)  # the reference's window=None, made explicit
@@ -75,8 +75,8 @@ class ResolutionDiscriminator(nn.Module):
                               return_complex=True).abs()
         return spec.unsqueeze(1)  # (B, 1, freq, frames)
 
-    def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = self.spectrogram(wave)
+    def forward(self, spectrogram: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = spectrogram
         features = []
         for conv in self.convs:
             x = F.leaky_relu(conv(x), LRELU_SLOPE)
@@ -99,12 +99,20 @@ class AudioDiscriminator(nn.Module):
         self.mpd = nn.ModuleList(PeriodDiscriminator(p, list(mpd_channels)) for p in periods)
         self.mrd = nn.ModuleList(ResolutionDiscriminator(list(r), mrd_channels) for r in resolutions)
 
+    # Eager and fp32: inductor's FFT kernels failed their stride checks (torch 2.11). One call for every
+    # resolution, from the top of forward: the compiler cannot resume a graph inside a loop, and a break in
+    # the loop over sub-discriminators made it compile each of them (and each period) as graphs of their own
+    @torch.compiler.disable
+    def spectrograms(self, wave: torch.Tensor) -> list[torch.Tensor]:
+        return [d.spectrogram(wave) for d in self.mrd]
+
     def forward(self, wave: torch.Tensor) -> dict[str, DiscriminatorOutput]:
         if wave.dim() != 2:
             raise ValueError(f"the audio discriminator takes (batch, samples) waveforms, got {tuple(wave.shape)}")
+        spectrograms = self.spectrograms(wave)
         groups = {}
-        for name, discriminators in (("mpd", self.mpd), ("mrd", self.mrd)):
-            outputs = [d(wave) for d in discriminators]
+        for name, outputs in (("mpd", [d(wave) for d in self.mpd]),
+                              ("mrd", [d(spec) for d, spec in zip(self.mrd, spectrograms)])):
             groups[name] = ([logits for logits, _ in outputs], [features for _, features in outputs])
         return groups
 

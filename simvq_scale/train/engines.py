@@ -76,26 +76,22 @@ def build_engine(model: nn.Module, cfg: Config, lr: float, zero_stage: int, micr
     return engine
 
 
-# Graphs per function: one per input shape and gradient mode (e.g. the audio D's five period
-# sub-discriminators, each with and without parameter gradients); torch's default of 8 would send the rest eager.
-RECOMPILE_LIMIT = 64
-
-
 def compile_networks(networks: dict[str, nn.Module], mode: str, channels_last: bool = False) -> list[str]:
     """torch.compile `networks` (name -> module) in place, before DeepSpeed wraps them (DeepSpeed's
     engine.compile() produced no step within 200 s on an H100). The quantizer stays eager: its search is a
     Triton kernel with collectives around it. In-place Module.compile keeps parameter names, so checkpoints
     and exports do not change. Static shapes (dynamic=False): every shape of a run is fixed, and a graph
-    made dynamic after a recompile ran into cuDNN "unable to find an engine" errors on an H200.
+    made dynamic after a recompile ran into cuDNN "unable to find an engine" errors on an H200. Each network
+    compiles to one or two graphs per gradient mode (D runs with and without gradients to its input); the
+    eager islands (the audio encoder's LSTM, the MRD's STFTs) are called outside loops so they cannot split
+    a network into a graph per layer.
 
     channels_last: every compiled graph runs its convolutions NHWC. Inductor chooses that layout itself only
     for graphs in which no 3x3 or larger convolution halves the channels (its decide_layout_opt): the image
     decoder (blocks 512->256->128, output 128->3) and PatchGAN (head 512->1) have such convolutions, so their
     graphs stayed NCHW and cuDNN, whose bf16 kernels are NHWC, transposed around each convolution."""
-    import torch._dynamo
     import torch._inductor.config
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
     torch._inductor.config.force_layout_optimization = channels_last  # read when a graph is compiled
     for module in networks.values():
         module.compile(mode=None if mode == "default" else mode, dynamic=False)

@@ -50,6 +50,26 @@ def test_reference_geometry_is_75_tokens_per_second_of_512_dims():
     assert encoder(torch.empty(1, RATE, device="meta")).shape == (1, 512, 75)
 
 
+def test_compiled_encoder_is_two_graphs_around_the_eager_lstm():
+    """The LSTM cannot be compiled; the layers before and after it must still compile as one graph each (a
+    graph break inside nn.Sequential's loop had made every layer call a graph of its own)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    encoder = SEANetEncoder(dim=16, filters=4, strides=[2, 2], lstm_layers=1)
+    x = speech_like(2, 400)
+    expected = encoder(x)
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    encoder.compile(backend="eager")
+    got = encoder(x)
+    got.sum().backward()
+    assert counters["stats"]["unique_graphs"] - before == 2
+    assert torch.equal(got, expected)
+    assert encoder.model[encoder.lstm_index].lstm.weight_ih_l0.grad is not None  # the eager LSTM trains too
+    torch._dynamo.reset()
+
+
 def test_causal_encoder_token_ignores_the_future():
     codec, _ = tiny_codec("model.audio.causal=true")
     x = speech_like(1, 6400)
@@ -101,6 +121,31 @@ def test_gradient_reaches_encoder_decoder_and_w():
     assert codec.decoder.head.out.weight.grad.abs().sum() > 0
     assert codec.quantizer.proj.weight.grad.abs().sum() > 0
     assert codec.last_layer is codec.decoder.head.out.weight
+
+
+def test_compiled_discriminator_is_one_graph_per_gradient_mode():
+    """Every period and resolution in one graph around the eager STFTs (a break inside the loop over
+    sub-discriminators had compiled each of them, and each period, as graphs of their own)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    disc = build_audio_discriminator(tiny_cfg().model.audio)
+    wave = speech_like(2, 2400)
+    with torch.no_grad():
+        expected = disc(wave)
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    disc.compile(backend="eager")
+    with torch.no_grad():
+        got = disc(wave)
+    fake = wave.clone().requires_grad_(True)  # the generator step: gradients to the input
+    sum(logits.sum() for logits in disc(fake)["mpd"][0] + disc(fake)["mrd"][0]).backward()
+    assert counters["stats"]["unique_graphs"] - before <= 2
+    for name in ("mpd", "mrd"):
+        for a, b in zip(got[name][0], expected[name][0]):
+            assert torch.equal(a, b)
+    assert fake.grad.abs().sum() > 0
+    torch._dynamo.reset()
 
 
 def test_mpd_mrd_shapes_and_feature_maps():

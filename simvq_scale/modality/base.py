@@ -58,6 +58,11 @@ class Modality(abc.ABC):
         return 1.0
 
     # ---- models and objective
+    def channels_last(self, cfg: Config) -> bool:
+        """Whether compiled networks run their convolutions NHWC (`model.channels_last`): a 2-D layout, so
+        False unless the modality's networks are 2-D."""
+        return False
+
     @abc.abstractmethod
     def build_generator(self, cfg: Config, quantizer: nn.Module) -> nn.Module:
         """The autoencoder (encoder -> quantizer -> decoder); forward(x) -> (x_hat, QuantizerOutput)."""

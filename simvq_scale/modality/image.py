@@ -63,6 +63,9 @@ class ImageModality(Modality):
 
         return decode_image(sample, data.image_size, train, data.random_resize, rng, data.image_resample)
 
+    def channels_last(self, cfg):
+        return cfg.model.channels_last
+
     def build_generator(self, cfg, quantizer):
         from simvq_scale.models.image import build_image_autoencoder
 

@@ -93,7 +93,7 @@ class Trainer:
 
         self.state = TrainState(ema=EMA(self.generator, cfg.model.ema_decay))  # before compile: no deep copy then
         self.compiled = self._compile_enabled()
-        self.channels_last = self.compiled and cfg.model.channels_last and len(self.sample_shape) == 3  # images
+        self.channels_last = self.compiled and self.modality.channels_last(cfg)
         if self.compiled:
             names = compile_networks({"encoder": self.generator.encoder, "decoder": self.generator.decoder,
                                       "discriminator": self.discriminator, **self.objective.networks()},

@@ -46,3 +46,15 @@ def test_channels_last_compiled_step_transposes_no_activations(demo_data, tmp_pa
 
     others = [s for s in result["transposes"] if not one_channel_output(s)]
     assert not others, others
+
+
+def test_channels_last_is_on_for_images_and_never_for_1d_audio():
+    from simvq_scale.config import load_config
+    from simvq_scale.modality import get_modality
+    from tests.helpers import ROOT
+
+    image = get_modality("image")
+    assert image.channels_last(load_config(ROOT / "configs" / "image_262k.yaml"))
+    assert not image.channels_last(load_config(ROOT / "configs" / "image_262k.yaml", ["model.channels_last=false"]))
+    # the audio networks' convolutions are 1-D: forcing a 2-D layout on their graphs has no meaning
+    assert not get_modality("audio").channels_last(load_config(ROOT / "configs" / "audio_262k.yaml"))

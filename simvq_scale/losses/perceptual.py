@@ -15,8 +15,8 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, path: str = ""):
         super().__init__()
-        # channels_last weights and inputs: cuDNN's bf16 convolutions are NHWC, and an NCHW trunk had every
-        # VGG convolution wrapped in NCHW<->NHWC transposes (most of the image step's transposes on an H200)
+        # channels_last weights and inputs: cuDNN's bf16 convolutions are NHWC, and an eager NCHW trunk pays a
+        # layout transpose around each (a compiled trunk picks channels_last itself: no VGG conv narrows)
         self.lpips = load_lpips("vgg", path).to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> "PerceptualLoss":

@@ -193,8 +193,8 @@ def profile_steps(trainer, batch, name: str, args, device: torch.device) -> dict
 
 def transpose_sources(events, steps: int) -> list[dict]:
     """Which ops launched the layout transposes: (region, op, its first two input shapes) -> calls and ms per
-    step, largest first. The region is the outermost op above (a compiled graph, its backward, or an eager module's
-    autograd node), so a transpose inside a compiled network and one in an eager loss network tell apart."""
+    step, largest first. The region is the outermost op above (a compiled graph, its backward, or an eager
+    module's autograd node), so a transpose inside a compiled network and one in an eager network tell apart."""
     groups: dict[tuple, dict] = {}
     for event in events:
         launched = [k for k in getattr(event, "kernels", []) if kernel_kind(k.name) == "layout transposes"]

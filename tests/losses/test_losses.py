@@ -88,7 +88,7 @@ def test_perceptual_loss_is_frozen_scalar_and_differentiable_in_x_hat(random_lpi
 
 
 def test_perceptual_loss_runs_its_convolutions_channels_last_with_unchanged_value(random_lpips):
-    """cuDNN's bf16 convolutions are NHWC: an NCHW trunk paid a layout transpose around every one."""
+    """cuDNN's bf16 convolutions are NHWC: an eager NCHW trunk pays a layout transpose around each."""
     import copy
 
     seen = []

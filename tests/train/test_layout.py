@@ -38,8 +38,9 @@ def test_channels_last_compiled_step_transposes_no_activations(demo_data, tmp_pa
                                "model.channels_last=true")
     result = run_distributed(step_kernels_worker, 1, overrides, init_process_group=False, timeout_s=600)[0]
     assert result["channels_last"] and result["kinds"].get("convolutions", 0) > 0, result["kinds"]
-    # only D's head may be left: its output has one channel, which has no layout of its own to keep. Its
-    # forward's second input is the weight (out channels first), its backward's first the one-channel gradient
+    # only convolutions to one channel may be left (D's head; LPIPS' heads when it is on): a one-channel output
+    # has no layout of its own to keep. A forward's second input is the weight (out channels first), a
+    # backward's first the one-channel gradient
     def one_channel_output(source):
         first, second = source["shapes"]
         return second[0] == 1 if source["op"] == "aten::cudnn_convolution" else first[1] == 1

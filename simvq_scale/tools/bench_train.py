@@ -62,7 +62,6 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
 
     cfg = load_config(config, [*args.set, *overrides, f"train.out_dir={args.out_dir}/{name}"])
     cfg.validate(distributed.world_size())
-    forget_compiled_graphs()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -121,15 +120,6 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
     del trainer, pool, batches
     gc.collect()
     return row
-
-
-def forget_compiled_graphs() -> None:
-    """Drop every graph compiled so far. Dynamo caches a graph by the forward's code and its guards pass for a
-    new instance of the same module class, so without this a later variant ran the first variant's graphs
-    (its own compile settings, e.g. train.compile_mode or model.channels_last, silently unused)."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
 
 
 # Device kernels by what they do, first match wins (substrings of the kernel names seen in H200 profiles of the

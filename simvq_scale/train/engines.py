@@ -92,8 +92,18 @@ def compile_networks(networks: dict[str, nn.Module], mode: str, channels_last: b
     graphs stayed NCHW and cuDNN, whose bf16 kernels are NHWC, transposed around each convolution."""
     import torch._inductor.config
 
+    forget_compiled_graphs()
     torch._inductor.config.force_layout_optimization = channels_last  # read when a graph is compiled
     for module in networks.values():
         module.compile(mode=None if mode == "default" else mode, dynamic=False)
     return list(networks)
 
+
+def forget_compiled_graphs() -> None:
+    """Drop every graph compiled so far in this process. Dynamo caches a graph by the forward's code and its
+    guards pass for a new instance of the same module class, so networks compiled again (a second Trainer,
+    bench_train's next variant) would run the earlier graphs, their compile settings (mode, layout) silently
+    unused."""
+    import torch._dynamo
+
+    torch._dynamo.reset()

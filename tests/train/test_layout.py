@@ -1,5 +1,7 @@
-"""model.channels_last on a GPU: the compiled image step runs its convolutions NHWC, so cuDNN transposes no
-activations (torch.profiler's kernels, traced to their ops with bench_train's --profile helpers)."""
+"""What gets compiled, and in which layout: on a GPU the compiled image step runs its convolutions NHWC
+(model.channels_last), so cuDNN transposes no activations (torch.profiler's kernels, traced to their ops with
+bench_train's --profile helpers); channels-last is for images only; networks compiled again get their own
+graphs."""
 
 import pytest
 import torch
@@ -59,3 +61,35 @@ def test_channels_last_is_on_for_images_and_never_for_1d_audio():
     assert not image.channels_last(load_config(ROOT / "configs" / "image_262k.yaml", ["model.channels_last=false"]))
     # the audio networks' convolutions are 1-D: forcing a 2-D layout on their graphs has no meaning
     assert not get_modality("audio").channels_last(load_config(ROOT / "configs" / "audio_262k.yaml"))
+
+
+def test_networks_compiled_again_get_their_own_graphs():
+    """A second instance of a compiled module class reuses the first one's graph unless the graphs are
+    forgotten (compile_networks does, first), which had made bench_train's later variants run the first
+    variant's graphs, their own compile settings silently unused."""
+    from torch._dynamo.utils import counters
+
+    from simvq_scale.train.engines import forget_compiled_graphs
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).relu()
+
+    x = torch.randn(1, 3, 8, 8)
+
+    def compile_and_run() -> int:
+        before = counters["stats"]["unique_graphs"]
+        block = Block()
+        block.compile(backend="eager")
+        block(x)
+        return counters["stats"]["unique_graphs"] - before
+
+    forget_compiled_graphs()
+    assert compile_and_run() == 1
+    assert compile_and_run() == 0  # the trap: the new instance ran the cached graph
+    forget_compiled_graphs()
+    assert compile_and_run() == 1

@@ -152,7 +152,6 @@ def kernel_time_by_kind(kernels: list[tuple[str, float]], steps: int) -> dict[st
 def profile_steps(trainer, batch, name: str, args, device: torch.device) -> dict[str, float]:
     """Profile --profile-steps more steps: the op table to DIR/NAME.txt, and device kernel time per step by kind
     (returned; empty on a CPU, which runs no kernels)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -163,9 +162,7 @@ def profile_steps(trainer, batch, name: str, args, device: torch.device) -> dict
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     table = profiler.key_averages().table(sort_by=sort, row_limit=args.profile_rows)
     events = profiler.events()
-    # kernels only: the compiled graphs' ranges on the device timeline ("## Call CompiledFxGraph") are annotations
-    kernels = [(event.name, event.self_device_time_total) for event in events
-               if event.device_type == DeviceType.CUDA and not event.is_user_annotation]
+    kernels = device_kernels(events)
     by_kind = kernel_time_by_kind(kernels, args.profile_steps) if kernels else {}
     summary = "\n".join(f"  {kind:<24} {ms:8.2f} ms/step" for kind, ms in by_kind.items())
     transposes = format_transpose_sources(transpose_sources(events, args.profile_steps))
@@ -179,6 +176,15 @@ def profile_steps(trainer, batch, name: str, args, device: torch.device) -> dict
     if transposes:
         print(f"[{name}] {transposes}", flush=True)
     return by_kind
+
+
+def device_kernels(events) -> list[tuple[str, float]]:
+    """(kernel name, device microseconds) of a profile's device kernels; the compiled graphs' ranges on the device
+    timeline ("## Call CompiledFxGraph") are annotations, not kernels."""
+    from torch.autograd import DeviceType
+
+    return [(event.name, event.self_device_time_total) for event in events
+            if event.device_type == DeviceType.CUDA and not event.is_user_annotation]
 
 
 def transpose_sources(events, steps: int) -> list[dict]:

@@ -14,10 +14,9 @@ def step_kernels_worker(rank, world_size, overrides):
     import os
 
     os.environ["DS_ACCELERATOR"] = "cuda"  # the test children default to DeepSpeed's CPU accelerator
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from simvq_scale.tools.bench_train import kernel_kind, transpose_sources
+    from simvq_scale.tools.bench_train import device_kernels, kernel_kind, transpose_sources
 
     trainer = make_trainer(overrides)
     x = trainer.to_device(next(iter(trainer.loader))["x"])
@@ -27,7 +26,7 @@ def step_kernels_worker(rank, world_size, overrides):
         trainer.train_step(x)
         torch.cuda.synchronize()
     events = profiler.events()
-    kinds = [kernel_kind(e.name) for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    kinds = [kernel_kind(name) for name, _ in device_kernels(events)]
     return {"kinds": {kind: kinds.count(kind) for kind in set(kinds)}, "transposes": transpose_sources(events, 1),
             "channels_last": trainer.channels_last}
 

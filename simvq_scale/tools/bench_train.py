@@ -15,7 +15,8 @@ synchronizations. Printed: a table and one JSON line per variant with samples_pe
 audio per second as well), step_ms, peak_mem_gib (max allocated over the variant), model_tflops_per_gpu
 and mfu by the trainer's FLOP count, compile_s (the warm-up steps' time above the steady step time),
 first_step_s, and the default/baseline ratio; with --profile also the device kernel time per step by kind
-(convolutions, layout transposes, compiled fused kernels, search, optimizer, copies). The default variant
+(convolutions, layout transposes, compiled fused kernels, search, optimizer, copies), and with --find-syncs
+the host syncs of one step by caller (GPU only). The default variant
 is the config as given; each --baseline NAME:KEY=VALUE,KEY=VALUE adds a variant (e.g. today's eager
 path). Runs on one process (world size 1; plain python, no launcher); CPU works for a smoke test.
 """
@@ -28,6 +29,9 @@ import json
 import sys
 import time
 import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -95,6 +99,7 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
     elapsed = time.perf_counter() - start
     # a few more steps under the profiler, after (and apart from) the timed ones
     kernel_ms = profile_steps(trainer, batch, name, args, device) if args.profile else {}
+    syncs = host_syncs(lambda: trainer.train_step(batch(0)), name) if args.find_syncs and device.type == "cuda" else None
     step_s = elapsed / args.steps
     samples = cfg.train.global_batch
     unit = trainer.modality.samples_per_unit(cfg.data)
@@ -116,6 +121,7 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "steps": args.steps, "warmup": args.warmup, "data": args.data,
         "kernel_ms_per_step": kernel_ms,  # by kind, from --profile (empty without it, or on a CPU)
+        "host_syncs_per_step": syncs,  # from --find-syncs (None without it, or on a CPU)
     }
     del trainer, pool, batches
     gc.collect()
@@ -176,6 +182,43 @@ def profile_steps(trainer, batch, name: str, args, device: torch.device) -> dict
     if transposes:
         print(f"[{name}] {transposes}", flush=True)
     return by_kind
+
+
+def host_syncs(step: Callable[[], None], name: str) -> int:
+    """Run `step` once with CUDA's sync debug mode on and count the ops that made the host wait for the device
+    (a .item(), a tensor's truth value, a copy to the host), by the innermost frame outside torch that called
+    them; print them and return the total. Each one drains the launch queue: the host can no longer run ahead
+    of the device, and every host-bound stretch after it shows as device idle time."""
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        sites = warnings_by_caller(step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    lines = "\n".join(f"  {count:4d}  {site}" for site, count in sites.most_common())
+    print(f"[{name}] host syncs in one step: {sum(sites.values())}" + (f", by caller:\n{lines}" if lines else ""),
+          flush=True)
+    return sum(sites.values())
+
+
+def warnings_by_caller(run: Callable[[], None], skip: tuple[str, ...] = ("/torch/", "/warnings.py")) -> Counter:
+    """The warnings raised while `run` runs, counted by their innermost calling frame whose "path in function"
+    contains none of `skip`; each site is "path:line in function", the path from its site-packages or checkout
+    folder on."""
+    sites: Counter = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = traceback.extract_stack()[:-1]
+        caller = next((f for f in reversed(frames) if not any(part in f"{f.filename} in {f.name}" for part in skip)), frames[-1])
+        short = caller.filename.split("site-packages/")[-1]
+        short = "simvq_scale/" + short.split("/simvq_scale/")[-1] if "/simvq_scale/" in short else short
+        sites[f"{short}:{caller.lineno} in {caller.name}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record  # restored by catch_warnings
+        run()
+    return sites
 
 
 def device_kernels(events) -> list[tuple[str, float]]:
@@ -250,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="after timing, profile --profile-steps more steps of each variant (table per variant)")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--profile-rows", type=int, default=40)
+    parser.add_argument("--find-syncs", action="store_true",
+                        help="after timing, run one step in CUDA's sync debug mode and list what made the host wait")
     parser.add_argument("--json", default="", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:

@@ -2,12 +2,14 @@
 a CPU (one JSON line per variant)."""
 
 import json
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from torch.autograd.profiler_util import Kernel
 
+from simvq_scale.tools import bench_train
 from simvq_scale.tools.bench_train import kernel_kind, kernel_time_by_kind, transpose_sources
 from tests.helpers import ROOT, TINY_IMAGE, run_tool
 
@@ -87,3 +89,21 @@ def test_the_real_tool_times_a_default_and_a_baseline_on_a_cpu(demo_data, tmp_pa
         assert row["device"] == "cpu" and row["mfu"] is None and row["kernel_ms_per_step"] == {}
     assert (tmp_path / "profile" / "default.txt").read_text().strip()
     assert "default" in done.stdout and "vq" in done.stdout.splitlines()[-2]
+
+
+def _warn_twice():
+    for _ in range(2):
+        _deep_library_warning()
+
+
+def _deep_library_warning():
+    warnings.warn("a synchronizing op")
+
+
+def test_warnings_by_caller_counts_each_site_by_its_innermost_frame_outside_the_skipped_paths():
+    # the helper stands for a torch op (its file is skipped): the site is the test function that called it
+    sites = bench_train.warnings_by_caller(_warn_twice, skip=("/warnings.py", " in _deep_library"))
+    assert sum(sites.values()) == 2
+    (site, count), = sites.items()
+    assert count == 2 and site.endswith(" in _warn_twice") and "test_bench_train.py:" in site
+    assert bench_train.warnings_by_caller(lambda: None) == {}

@@ -181,7 +181,7 @@ def test_only_the_chosen_kinds_section_is_checked():
     (["optim.weight_decay=-0.01"], "optim.weight_decay=-0.01 and optim.disc_lr=0.0 (0 = optim.lr) must be >= 0"),
     (["optim.schedule=linear"], "optim.schedule='linear' is not constant|cosine"),
     (["optim.min_lr_ratio=2"], "optim.min_lr_ratio=2.0 must be in [0, 1]"),
-    (["optim.zero_stage_d=4"], "optim.zero_stage_g=2 and optim.zero_stage_d=4 must be DeepSpeed ZeRO stages 0|1|2|3"),
+    (["optim.zero_stage_d=4"], "optim.zero_stage_g=0 and optim.zero_stage_d=4 must be DeepSpeed ZeRO stages 0|1|2|3"),
     (["train.keep_last=0"], "train.keep_last=0 must be >= 1"),
 ])
 def test_impossible_model_data_loss_and_optim_values_fail_at_validate_in_one_line(overrides, needle):

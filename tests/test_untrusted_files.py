@@ -15,13 +15,16 @@ from tests.helpers import one_error, plant, tiny_overrides, train
 
 # every test reads a run that launch/train.py trained in a subprocess: the slow lane
 pytestmark = pytest.mark.slow
+# G at the default ZeRO-0 (its optimizer state inside the model-states file), D at ZeRO-1: both kinds of
+# DeepSpeed file, each read through the weights-only loader
+ZERO_STAGES = ("optim.zero_stage_d=1",)
 
 
 @pytest.fixture(scope="module")
 def trained_run(demo_data, tmp_path_factory):
     """One step of the tiny image model on one plain-python process: checkpoint step000000001 and the export."""
     out = tmp_path_factory.mktemp("untrusted") / "run"
-    done = train(out, *tiny_overrides(demo_data, out, "train.steps=1", "train.ckpt_every=1"))
+    done = train(out, *tiny_overrides(demo_data, out, "train.steps=1", "train.ckpt_every=1", *ZERO_STAGES))
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -48,14 +51,14 @@ def test_a_crafted_export_is_refused_by_load_tokenizer(trained_run, tmp_path):
 
 @pytest.mark.parametrize("crafted_file", [
     "generator/step000000001/rank_0.pt",  # read by the checkpointer (usage window)
-    "generator/step000000001/mp_rank_00_model_states.pt",  # read by DeepSpeed (weights, client state)
+    "generator/step000000001/mp_rank_00_model_states.pt",  # read by DeepSpeed (weights, client state, ZeRO-0 optimizer)
     "discriminator/step000000001/zero_pp_rank_0_mp_rank_00_optim_states.pt",  # read by DeepSpeed (ZeRO)
 ])
 def test_a_crafted_checkpoint_file_stops_the_resume(demo_data, trained_run, tmp_path, crafted_file):
     run, marker = tmp_path / "run", tmp_path / "marker"
     shutil.copytree(trained_run, run)
     plant(run / "ckpt" / crafted_file, marker)
-    done = train(run, *tiny_overrides(demo_data, run, "train.steps=2"), extra=["--resume", "auto"])
+    done = train(run, *tiny_overrides(demo_data, run, "train.steps=2", *ZERO_STAGES), extra=["--resume", "auto"])
     assert f"{run / 'ckpt' / crafted_file}: refused to load" in one_error(done, 6)
     assert not marker.exists()
 

@@ -6,6 +6,12 @@ every convolution ran fp32/TF32). So bf16 is switched on inside the engines with
 module listed as "lower precision safe": parameters, master weights, gradients and their reductions stay
 fp32, only the activations of autocast-eligible ops are bf16. DeepSpeed's own bf16 mode would also cast
 every buffer to bf16, and the frozen codebook must stay fp32 for an exact search.
+
+Host syncs: DeepSpeed's ZeRO-1/2 step reads the gradient norm back to the host 3-5 times per step (its
+non-finite checks; `bench_train --find-syncs`), and its ZeRO-0 clipping twice per step (host-made scalar
+tensors). Each drains the launch queue, so every host-bound stretch after it (the optimizer, the next
+network's launches) leaves the device idle. A ZeRO-0 engine therefore leaves clipping to `OptimizerStep`,
+which clips on the device and skips a step of non-finite gradients inside the fused AdamW kernel.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ def deepspeed_config(cfg: Config, micro_batch: int, accumulation: int, zero_stag
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": cfg.train.global_batch,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": cfg.optim.grad_clip if zero_stage > 0 else 0.0,  # ZeRO-0: OptimizerStep clips
         "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,  # the client AdamW: no FusedAdam compile
         "steps_per_print": 2**31 - 1,
@@ -67,13 +73,48 @@ def build_engine(model: nn.Module, cfg: Config, lr: float, zero_stage: int, micr
     import deepspeed
 
     o = cfg.optim
+    # fused: one kernel for all tensors, and it honours OptimizerStep's found_inf (a step skipped on the device)
     optimizer = torch.optim.AdamW(param_groups(model, lr, o.quantizer_lr_scale), lr=lr, betas=tuple(o.betas),
-                                  weight_decay=o.weight_decay)
+                                  weight_decay=o.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, micro_batch, accumulation, zero_stage, bf16)
                                            | (extra_config or {}))
     return engine
+
+
+class OptimizerStep:
+    """One engine's optimizer step after its backward, and the gradient norm for the log.
+
+    ZeRO-0 (DeepSpeed told not to clip): at the accumulation boundary the (already all-reduced) gradients are
+    clipped to optim.grad_clip on the device, and when their norm is not finite the fused AdamW kernel skips
+    the update (its found_inf flag; the step count is not advanced either), as DeepSpeed's ZeRO-1/2 step does,
+    but without reading anything back to the host. ZeRO-1/2/3: DeepSpeed partitions the gradients and clips
+    them itself (with its host syncs)."""
+
+    def __init__(self, engine, max_norm: float, zero_stage: int):
+        self.engine = engine
+        self.max_norm = max_norm if zero_stage == 0 else 0.0
+        device = next(engine.module.parameters()).device
+        self.norm = torch.zeros((), device=device)  # the last boundary's norm before clipping
+        self.params = [p for p in engine.module.parameters() if p.requires_grad]
+        if self.max_norm:
+            engine.optimizer.found_inf = torch.zeros((), device=device)  # read by fused AdamW; 1 = skip
+
+    def __call__(self) -> None:
+        if self.max_norm and self.engine.is_gradient_accumulation_boundary():
+            grads = [p.grad for p in self.params if p.grad is not None]
+            self.norm.copy_(torch.nn.utils.get_total_norm(grads, foreach=True))
+            finite = torch.isfinite(self.norm)
+            self.engine.optimizer.found_inf.copy_(~finite)
+            torch._foreach_mul_(grads, torch.where(finite, self.max_norm / (self.norm + 1e-6), 1.0).clamp(max=1.0))
+        self.engine.step()
+
+    def grad_norm(self) -> float:
+        """The last optimizer step's gradient norm before clipping; 0 before the first (a host read: log steps)."""
+        if self.max_norm:
+            return float(self.norm)
+        return float(self.engine.get_global_grad_norm() or 0.0)
 
 
 def compile_networks(networks: dict[str, nn.Module], mode: str, channels_last: bool = False) -> list[str]:

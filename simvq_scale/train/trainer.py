@@ -33,7 +33,7 @@ from simvq_scale.quant import build_quantizer
 from simvq_scale.train import flops
 from simvq_scale.train.checkpoint import Checkpointer
 from simvq_scale.train.ema import EMA
-from simvq_scale.train.engines import build_engine, compile_networks
+from simvq_scale.train.engines import OptimizerStep, build_engine, compile_networks
 from simvq_scale.train.logging import ConsoleLogger, NoOpLogger, RunLogger, Stopwatch, Ticker
 from simvq_scale.train.metrics import Metrics
 from simvq_scale.train.nonfinite import NonFiniteGuard
@@ -106,6 +106,8 @@ class Trainer:
         self.engine_d = build_engine(self.discriminator, cfg, cfg.optim.disc_lr or cfg.optim.lr,
                                      cfg.optim.zero_stage_d, self.micro_batch, self.accumulation, self.bf16,
                                      self.checkpointer.deepspeed_config(cfg.optim.zero_stage_d))
+        self.step_g = OptimizerStep(self.engine_g, cfg.optim.grad_clip, cfg.optim.zero_stage_g)
+        self.step_d = OptimizerStep(self.engine_d, cfg.optim.grad_clip, cfg.optim.zero_stage_d)
         self.guard = NonFiniteGuard([self.generator, self.discriminator], device, cfg.train.nan_policy)
         self.metrics = Metrics(cfg, self.modality, self.log, device, self.quantizer.codebook_size,
                                self.tokens_per_sample, self.flops_per_sample, flops.peak_flops(device))
@@ -197,7 +199,7 @@ class Trainer:
                                                             self.generator.last_layer)
             self.guard.check(self.generator, loss)
             self.engine_g.backward(loss)
-            self.engine_g.step()
+            self.step_g()
         finally:
             disc.requires_grad_(True)
         self.metrics.add_indices(quant.indices)
@@ -210,7 +212,7 @@ class Trainer:
             loss, parts = self.objective.discriminator_loss(self.engine_d, x, x_hat)
         self.guard.check(self.discriminator, loss)
         self.engine_d.backward(loss)
-        self.engine_d.step()
+        self.step_d()
         return parts
 
     # ------------------------------------------------------------------ the loop
@@ -257,8 +259,8 @@ class Trainer:
         """The log step: every rank reduces (one collective), rank 0 writes."""
         images = self.metrics.log_steps % self.cfg.train.images_every == 0
         host = {"opt/lr_g": self.engine_g.get_lr()[0], "opt/lr_d": self.engine_d.get_lr()[0],
-                "opt/grad_norm_g": float(self.engine_g.get_global_grad_norm() or 0.0),
-                "opt/grad_norm_d": float(self.engine_d.get_global_grad_norm() or 0.0)}  # 0 before D's first step
+                "opt/grad_norm_g": self.step_g.grad_norm(),
+                "opt/grad_norm_d": self.step_d.grad_norm()}  # 0 before D's first step
         counters = {"data/skipped_samples": torch.tensor(float(self.loader.skipped_total()), device=self.device),
                     "train/nonfinite_losses": self.guard.count,
                     "quantizer/search_fallbacks": self.quantizer.search_fallbacks}

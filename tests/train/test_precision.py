@@ -40,8 +40,10 @@ def conv_dtypes_worker(rank, world_size, config, overrides):
     seen.clear()
     x_hat, _ = trainer.generator_step(x)
     trainer.discriminator_step(x, x_hat)
-    # the dtypes in which ZeRO reduces the gradients (its buckets by communication dtype)
-    grads = {dtype for engine in (trainer.engine_g, trainer.engine_d) for dtype in engine.optimizer.ipg_buckets}
+    # the dtypes in which the gradients are reduced: a ZeRO-1/2 engine's buckets (by communication dtype), a
+    # ZeRO-0 engine's all-reduce dtype
+    grads = {dtype for engine in (trainer.engine_g, trainer.engine_d)
+             for dtype in (engine.optimizer.ipg_buckets if engine.zero_optimization() else [engine.communication_data_type])}
     params = {p.dtype for p in [*trainer.generator.parameters(), *trainer.discriminator.parameters()]}
     return {"convs": {k: sorted(str(d) for d in v) for k, v in seen.items()}, "engines_alone": engines_alone,
             "params": sorted(str(d) for d in params), "grads": sorted(str(d) for d in grads),
@@ -49,15 +51,17 @@ def conv_dtypes_worker(rank, world_size, config, overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("modality", ["image", "audio"])
-def test_every_conv_of_g_and_d_runs_bf16_under_precision_bf16(demo_data, tmp_path, modality):
+@pytest.mark.parametrize("modality,zero_stages", [("image", (0, 0)), ("audio", (0, 0)), ("image", (2, 1))])
+def test_every_conv_of_g_and_d_runs_bf16_under_precision_bf16(demo_data, tmp_path, modality, zero_stages):
+    stages = [f"optim.zero_stage_g={zero_stages[0]}", f"optim.zero_stage_d={zero_stages[1]}"]
     if modality == "image":
-        config, overrides = "image_demo.yaml", tiny_overrides(demo_data, tmp_path / "run", "train.precision=bf16")
+        config = "image_demo.yaml"
+        overrides = tiny_overrides(demo_data, tmp_path / "run", "train.precision=bf16", *stages)
     else:
         config = "audio_demo.yaml"
         overrides = [*TINY_AUDIO, f"data.train_shards={demo_data['audio_train']}",
                      f"data.val_shards={demo_data['audio_val']}", f"train.out_dir={tmp_path / 'run'}",
-                     "train.precision=bf16"]
+                     "train.precision=bf16", *stages]
     result = run_distributed(conv_dtypes_worker, 1, config, overrides, timeout_s=300)[0]
     assert result["bf16"]
     generator = [k for k in result["convs"] if k.startswith("G.")]

@@ -1,6 +1,7 @@
-"""A run trained on 2 gloo ranks resumes on 1 and on 3 (DeepSpeed's universal checkpoint, made and removed by the
-checkpointer): weights, Adam moments and the usage window carry over whole, and training continues with the
-same step count. Global batch 6 divides by 1, 2 and 3."""
+"""A run trained on 2 gloo ranks resumes on 1 and on 3: weights, Adam moments and the usage window carry over
+whole, and training continues with the same step count. Global batch 6 divides by 1, 2 and 3. ZeRO-1/2 engines
+go through DeepSpeed's universal checkpoint (made and removed by the checkpointer); a ZeRO-0 engine's
+optimizer state is whole in its model-states file and loads as it is."""
 
 import json
 import shutil
@@ -16,6 +17,8 @@ from tests.helpers import fit_worker, make_trainer, plant, tiny_overrides
 
 COMMON = ["train.global_batch=6", "train.ckpt_every=2", "train.log_every=1"]
 CODEBOOK_SIZE = 256  # helpers.TINY_IMAGE
+ZERO_1_2 = ["optim.zero_stage_g=2", "optim.zero_stage_d=1"]
+ZERO_0 = ["optim.zero_stage_g=0", "optim.zero_stage_d=0"]
 
 
 def state_vector(state_dict):
@@ -23,23 +26,37 @@ def state_vector(state_dict):
 
 
 @pytest.fixture(scope="module")
-def two_rank_run(demo_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("world_size") / "run"
-    run_distributed(fit_worker, 2, [(tiny_overrides(demo_data, out, *COMMON, "train.steps=2"), None)], timeout_s=600)
-    return out
+def two_rank_runs(demo_data, tmp_path_factory):
+    """stages -> a run folder trained for 2 steps on 2 ranks with those ZeRO stages (made once per module)."""
+    made = {}
+
+    def run(stages: tuple[str, ...]):
+        if stages not in made:
+            out = tmp_path_factory.mktemp("world_size") / "run"
+            run_distributed(fit_worker, 2, [(tiny_overrides(demo_data, out, *COMMON, *stages, "train.steps=2"), None)],
+                            timeout_s=600)
+            made[stages] = out
+        return made[stages]
+
+    return run
 
 
-def saved_figures(run):
+def saved_figures(run, partitioned: bool):
     """What the 2-rank checkpoint holds, summed over its ranks: generator weights, Adam's second moments
-    of both engines, and the usage window (tokens, utilization)."""
+    of both engines (ZeRO partitions or the whole state of a ZeRO-0 engine), and the usage window."""
     tag = run / "ckpt" / "generator" / tag_for(2)
     module = load_deepspeed_file(tag / "mp_rank_00_model_states.pt")["module"]
     moments = {}
     for engine in ("generator", "discriminator"):
-        files = sorted((run / "ckpt" / engine / tag_for(2)).glob("zero_pp_rank_*_optim_states.pt"))
-        assert len(files) == 2
-        moments[engine] = sum(float(load_deepspeed_file(f)["optimizer_state_dict"]["base_optimizer_state"]
-                                    ["state"][0]["exp_avg_sq"].double().sum()) for f in files)
+        folder = run / "ckpt" / engine / tag_for(2)
+        files = sorted(folder.glob("zero_pp_rank_*_optim_states.pt"))
+        assert len(files) == (2 if partitioned else 0)
+        if partitioned:
+            moments[engine] = sum(float(load_deepspeed_file(f)["optimizer_state_dict"]["base_optimizer_state"]
+                                        ["state"][0]["exp_avg_sq"].double().sum()) for f in files)
+        else:
+            adam = load_deepspeed_file(folder / "mp_rank_00_model_states.pt")["optimizer"]
+            moments[engine] = sum(float(s["exp_avg_sq"].double().sum()) for s in adam["state"].values())
     counts = sum(torch.load(tag / f"rank_{r}.pt", weights_only=True)["usage"]["indices"].bincount(minlength=256)
                  for r in range(2))
     tokens = sum(int(torch.load(tag / f"rank_{r}.pt", weights_only=True)["usage"]["step_lengths"].sum())
@@ -53,10 +70,12 @@ def resume_worker(rank, world_size, restore_only, continue_to_4):
     trainer.fit()
     moments = {}
     for name, engine in (("generator", trainer.engine_g), ("discriminator", trainer.engine_d)):
-        adam = engine.optimizer.optimizer  # the client AdamW inside DeepSpeed's ZeRO optimizer
+        partitioned = engine.zero_optimization()
+        adam = engine.optimizer.optimizer if partitioned else engine.optimizer  # the client AdamW
         total = torch.tensor([sum(float(s["exp_avg_sq"].double().sum()) for s in adam.state.values())],
                              dtype=torch.float64)
-        dist.all_reduce(total)  # each rank holds its ZeRO partition of the moments
+        if partitioned:
+            dist.all_reduce(total)  # each rank holds its ZeRO partition of the moments
         moments[name] = float(total)
     usage = trainer.metrics.usage.reduce()
     restored = {"step": trainer.state.step, "weights": state_vector(trainer.engine_g.module.state_dict()), "moments": moments,
@@ -66,13 +85,15 @@ def resume_worker(rank, world_size, restore_only, continue_to_4):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size", [1, 3])
-def test_a_two_rank_run_resumes_on_another_world_size(demo_data, two_rank_run, tmp_path, world_size):
+@pytest.mark.parametrize("stages,world_size", [(ZERO_1_2, 1), (ZERO_1_2, 3), (ZERO_0, 3)],
+                         ids=["zero2/1-on-1", "zero2/1-on-3", "zero0-on-3"])
+def test_a_two_rank_run_resumes_on_another_world_size(demo_data, two_rank_runs, tmp_path, stages, world_size):
     run = tmp_path / "run"
-    shutil.copytree(two_rank_run, run)
-    saved = saved_figures(run)
-    results = run_distributed(resume_worker, world_size, tiny_overrides(demo_data, run, *COMMON, "train.steps=2"),
-                              tiny_overrides(demo_data, run, *COMMON, "train.steps=4"), timeout_s=900)
+    shutil.copytree(two_rank_runs(tuple(stages)), run)
+    saved = saved_figures(run, partitioned=stages == ZERO_1_2)
+    results = run_distributed(resume_worker, world_size,
+                              tiny_overrides(demo_data, run, *COMMON, *stages, "train.steps=2"),
+                              tiny_overrides(demo_data, run, *COMMON, *stages, "train.steps=4"), timeout_s=900)
     for restored in results:
         assert restored["step"] == 2
         assert torch.equal(restored["weights"], saved["weights"])
@@ -91,13 +112,13 @@ def test_a_two_rank_run_resumes_on_another_world_size(demo_data, two_rank_run, t
 
 
 @pytest.mark.slow
-def test_a_crafted_file_is_refused_before_the_conversion_unpickles_it(demo_data, two_rank_run, tmp_path):
+def test_a_crafted_file_is_refused_before_the_conversion_unpickles_it(demo_data, two_rank_runs, tmp_path):
     # DeepSpeed's converter reads every ZeRO file with the full unpickler, also the ones no rank loads itself
     run, marker = tmp_path / "run", tmp_path / "marker"
-    shutil.copytree(two_rank_run, run)
+    shutil.copytree(two_rank_runs(tuple(ZERO_1_2)), run)
     crafted = run / "ckpt" / "generator" / tag_for(2) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     plant(crafted, marker)
     with pytest.raises(RuntimeError, match=UnsafeFileError.__name__):
-        run_distributed(fit_worker, 1, [(tiny_overrides(demo_data, run, *COMMON, "train.steps=4"), "auto")],
+        run_distributed(fit_worker, 1, [(tiny_overrides(demo_data, run, *COMMON, *ZERO_1_2, "train.steps=4"), "auto")],
                         timeout_s=600)
     assert not marker.exists()

@@ -1,0 +1,57 @@
+"""OptimizerStep: a ZeRO-0 engine clipped on the device matches DeepSpeed's own clipping (ZeRO-1) step for
+step, across ranks, and a step of non-finite gradients leaves the weights and AdamW's state alone."""
+
+import pytest
+import torch
+
+from tests.dist_utils import run_distributed
+from tests.helpers import ROOT
+
+
+def two_engines_worker(rank, world_size):
+    from simvq_scale.config import load_config
+    from simvq_scale.train.engines import OptimizerStep, build_engine
+
+    # grad_clip far below the gradients' norm: every step is clipped
+    cfg = load_config(ROOT / "configs" / "image_demo.yaml", [
+        f"train.global_batch={4 * world_size}", "optim.grad_clip=0.05", "optim.warmup_steps=0", "optim.lr=0.01"])
+    steps, models = {}, {}
+    for stage in (0, 1):
+        torch.manual_seed(0)
+        models[stage] = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        engine = build_engine(models[stage], cfg, cfg.optim.lr, stage, micro_batch=4, accumulation=1, bf16=False)
+        steps[stage] = OptimizerStep(engine, cfg.optim.grad_clip, stage)
+    torch.manual_seed(1 + rank)  # each rank its own data: the norm must be of the all-reduced gradients
+    norms = []
+    for _ in range(3):
+        x = torch.randn(4, 6)
+        for stage, step in steps.items():
+            step.engine.backward(step.engine(x).pow(2).sum())
+            step()
+        norms.append([steps[0].grad_norm(), steps[1].grad_norm()])
+    weights = {stage: [p.detach().clone() for p in m.parameters()] for stage, m in models.items()}
+
+    zero0 = steps[0]
+    before = [p.detach().clone() for p in models[0].parameters()]
+    adam_steps = [zero0.engine.optimizer.state[p]["step"].clone() for p in models[0].parameters()]
+    zero0.engine.backward(zero0.engine(torch.randn(4, 6)).sum() * float("inf"))
+    zero0()
+    return {"weights": weights, "norms": norms, "nonfinite_norm": zero0.grad_norm(),
+            "unchanged": all(torch.equal(a, p) for a, p in zip(before, models[0].parameters())),
+            "adam_steps_kept": all(torch.equal(s, zero0.engine.optimizer.state[p]["step"])
+                                   for s, p in zip(adam_steps, models[0].parameters())),
+            "ds_clip_zero0": zero0.engine.gradient_clipping()}
+
+
+@pytest.mark.slow
+def test_zero0_device_clipping_matches_deepspeed_clipping_and_skips_nonfinite_steps():
+    results = run_distributed(two_engines_worker, 2, timeout_s=240)
+    for r in results:
+        assert r["ds_clip_zero0"] == 0.0  # DeepSpeed does not clip a ZeRO-0 engine a second time
+        for zero0, zero1 in r["norms"]:
+            assert zero0 == pytest.approx(zero1, rel=1e-5) and zero0 > 0.05 * 2  # clipped every step
+        for a, b in zip(r["weights"][0], r["weights"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert r["nonfinite_norm"] != r["nonfinite_norm"] or r["nonfinite_norm"] == float("inf")
+        assert r["unchanged"] and r["adam_steps_kept"]
+    torch.testing.assert_close(results[0]["weights"][0], results[1]["weights"][0])  # ranks agree

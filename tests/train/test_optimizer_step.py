@@ -55,3 +55,36 @@ def test_zero0_device_clipping_matches_deepspeed_clipping_and_skips_nonfinite_st
         assert r["nonfinite_norm"] != r["nonfinite_norm"] or r["nonfinite_norm"] == float("inf")
         assert r["unchanged"] and r["adam_steps_kept"]
     torch.testing.assert_close(results[0]["weights"][0], results[1]["weights"][0])  # ranks agree
+
+
+def one_rank_worker(rank, world_size):
+    from simvq_scale.config import load_config
+    from simvq_scale.train.engines import OptimizerStep, build_engine
+
+    cfg = load_config(ROOT / "configs" / "image_demo.yaml", [
+        "train.global_batch=4", "optim.grad_clip=0.05", "optim.warmup_steps=0", "optim.lr=0.01"])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    plain = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    plain.load_state_dict(model.state_dict())
+    engine = build_engine(model, cfg, cfg.optim.lr, 0, micro_batch=4, accumulation=1, bf16=False)
+    step = OptimizerStep(engine, cfg.optim.grad_clip, 0)
+    adam = torch.optim.AdamW(plain.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                             weight_decay=cfg.optim.weight_decay)
+    for _ in range(3):
+        x = torch.randn(4, 6)
+        engine.backward(engine(x).pow(2).sum())
+        step()
+        plain(x).pow(2).sum().backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.optim.grad_clip)
+        adam.step()
+        adam.zero_grad()
+    return {"allreduce": engine.enable_backward_allreduce, "engine": [p.detach() for p in model.parameters()],
+            "plain": [p.detach() for p in plain.parameters()]}
+
+
+@pytest.mark.slow
+def test_a_one_rank_zero0_engine_skips_the_all_reduce_and_steps_as_plain_torch():
+    result = run_distributed(one_rank_worker, 1, timeout_s=240)[0]
+    assert result["allreduce"] is False
+    torch.testing.assert_close(result["engine"], result["plain"], rtol=1e-5, atol=1e-6)

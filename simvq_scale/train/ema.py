@@ -24,7 +24,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        torch._foreach_lerp_(self._params, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        # under no_grad the parameters themselves serve (a detached view of each was one more host op per tensor)
+        torch._foreach_lerp_(self._params, list(model.parameters()), 1.0 - self.decay)
         for ema_buffer, buffer in self._buffer_pairs:
             ema_buffer.copy_(buffer)
 

@@ -11,7 +11,7 @@ Host syncs: DeepSpeed's ZeRO-1/2 step reads the gradient norm back to the host 3
 non-finite checks; `bench_train --find-syncs`), and its ZeRO-0 clipping twice per step (host-made scalar
 tensors). Each drains the launch queue, so every host-bound stretch after it (the optimizer, the next
 network's launches) leaves the device idle. A ZeRO-0 engine therefore leaves clipping to `OptimizerStep`,
-which clips on the device and skips a step of non-finite gradients inside the fused AdamW kernel.
+which clips on the device; it skips a step of non-finite losses or gradients inside the fused AdamW kernel.
 """
 
 from __future__ import annotations
@@ -88,35 +88,41 @@ def build_engine(model: nn.Module, cfg: Config, lr: float, zero_stage: int, micr
 
 
 class OptimizerStep:
-    """One engine's optimizer step after its backward, and the gradient norm for the log.
+    """One engine's optimizer step after its backward, decided on the device, and the gradient norm for the log.
 
-    ZeRO-0 (DeepSpeed told not to clip): at the accumulation boundary the (already all-reduced) gradients are
-    clipped to optim.grad_clip on the device, and when their norm is not finite the fused AdamW kernel skips
-    the update (its found_inf flag; the step count is not advanced either), as DeepSpeed's ZeRO-1/2 step does,
-    but without reading anything back to the host. ZeRO-1/2/3: DeepSpeed partitions the gradients and clips
-    them itself (with its host syncs)."""
+    At the accumulation boundary the step is skipped inside the fused AdamW kernel (its found_inf flag; weights,
+    moments and Adam's step count stay as they were) when `losses_finite()` (NonFiniteGuard.take: collective)
+    says some micro-step's loss on some rank was not finite, or, at ZeRO-0, when the gradient norm is not.
+    ZeRO-0 (DeepSpeed told not to clip): the all-reduced gradients are clipped to `max_norm` on the device,
+    nothing read back to the host. ZeRO-1/2/3: DeepSpeed partitions and clips the gradients itself, with its
+    host syncs, and skips a step of non-finite gradients itself."""
 
-    def __init__(self, engine, max_norm: float, zero_stage: int):
-        self.engine = engine
-        self.max_norm = max_norm if zero_stage == 0 else 0.0
+    def __init__(self, engine, max_norm: float, zero_stage: int, losses_finite: Callable[[], torch.Tensor]):
+        self.engine, self.losses_finite = engine, losses_finite
+        self.zero0 = zero_stage == 0
+        self.max_norm = max_norm if self.zero0 else 0.0
         device = next(engine.module.parameters()).device
-        self.norm = torch.zeros((), device=device)  # the last boundary's norm before clipping
+        self.norm = torch.zeros((), device=device)  # ZeRO-0: the last boundary's norm before clipping
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
-        if self.max_norm:
-            engine.optimizer.found_inf = torch.zeros((), device=device)  # read by fused AdamW; 1 = skip
+        self.skip = torch.zeros((), device=device)
+        engine.basic_optimizer.found_inf = self.skip  # the client AdamW (fused) reads it at each step: 1 = skip
 
     def __call__(self) -> None:
-        if self.max_norm and self.engine.is_gradient_accumulation_boundary():
-            grads = [p.grad for p in self.params if p.grad is not None]
-            self.norm.copy_(torch.nn.utils.get_total_norm(grads, foreach=True))
-            finite = torch.isfinite(self.norm)
-            self.engine.optimizer.found_inf.copy_(~finite)
-            torch._foreach_mul_(grads, torch.where(finite, self.max_norm / (self.norm + 1e-6), 1.0).clamp(max=1.0))
+        if self.engine.is_gradient_accumulation_boundary():
+            proceed = self.losses_finite()
+            if self.zero0:
+                grads = [p.grad for p in self.params if p.grad is not None]
+                self.norm.copy_(torch.nn.utils.get_total_norm(grads, foreach=True))
+                proceed = proceed & torch.isfinite(self.norm)
+                if self.max_norm:
+                    scale = torch.where(proceed, self.max_norm / (self.norm + 1e-6), 1.0).clamp(max=1.0)
+                    torch._foreach_mul_(grads, scale)
+            self.skip.copy_(~proceed)
         self.engine.step()
 
     def grad_norm(self) -> float:
         """The last optimizer step's gradient norm before clipping; 0 before the first (a host read: log steps)."""
-        if self.max_norm:
+        if self.zero0:
             return float(self.norm)
         return float(self.engine.get_global_grad_norm() or 0.0)
 

@@ -106,9 +106,11 @@ class Trainer:
         self.engine_d = build_engine(self.discriminator, cfg, cfg.optim.disc_lr or cfg.optim.lr,
                                      cfg.optim.zero_stage_d, self.micro_batch, self.accumulation, self.bf16,
                                      self.checkpointer.deepspeed_config(cfg.optim.zero_stage_d))
-        self.step_g = OptimizerStep(self.engine_g, cfg.optim.grad_clip, cfg.optim.zero_stage_g)
-        self.step_d = OptimizerStep(self.engine_d, cfg.optim.grad_clip, cfg.optim.zero_stage_d)
         self.guard = NonFiniteGuard([self.generator, self.discriminator], device, cfg.train.nan_policy)
+        self.step_g = OptimizerStep(self.engine_g, cfg.optim.grad_clip, cfg.optim.zero_stage_g,
+                                    lambda: self.guard.take(self.generator))
+        self.step_d = OptimizerStep(self.engine_d, cfg.optim.grad_clip, cfg.optim.zero_stage_d,
+                                    lambda: self.guard.take(self.discriminator))
         self.metrics = Metrics(cfg, self.modality, self.log, device, self.quantizer.codebook_size,
                                self.tokens_per_sample, self.flops_per_sample, flops.peak_flops(device))
         self.log.console(f"built the DeepSpeed engines (ZeRO {cfg.optim.zero_stage_g} / {cfg.optim.zero_stage_d}, "

@@ -8,6 +8,10 @@ from tests.dist_utils import run_distributed
 from tests.helpers import ROOT
 
 
+def all_finite():
+    return torch.ones((), dtype=torch.bool)  # what NonFiniteGuard.take says when every loss was finite
+
+
 def two_engines_worker(rank, world_size):
     from simvq_scale.config import load_config
     from simvq_scale.train.engines import OptimizerStep, build_engine
@@ -20,7 +24,7 @@ def two_engines_worker(rank, world_size):
         torch.manual_seed(0)
         models[stage] = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
         engine = build_engine(models[stage], cfg, cfg.optim.lr, stage, micro_batch=4, accumulation=1, bf16=False)
-        steps[stage] = OptimizerStep(engine, cfg.optim.grad_clip, stage)
+        steps[stage] = OptimizerStep(engine, cfg.optim.grad_clip, stage, all_finite)
     torch.manual_seed(1 + rank)  # each rank its own data: the norm must be of the all-reduced gradients
     norms = []
     for _ in range(3):
@@ -68,7 +72,7 @@ def one_rank_worker(rank, world_size):
     plain = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     plain.load_state_dict(model.state_dict())
     engine = build_engine(model, cfg, cfg.optim.lr, 0, micro_batch=4, accumulation=1, bf16=False)
-    step = OptimizerStep(engine, cfg.optim.grad_clip, 0)
+    step = OptimizerStep(engine, cfg.optim.grad_clip, 0, all_finite)
     adam = torch.optim.AdamW(plain.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                              weight_decay=cfg.optim.weight_decay)
     for _ in range(3):
@@ -88,3 +92,23 @@ def test_a_one_rank_zero0_engine_skips_the_all_reduce_and_steps_as_plain_torch()
     result = run_distributed(one_rank_worker, 1, timeout_s=240)[0]
     assert result["allreduce"] is False
     torch.testing.assert_close(result["engine"], result["plain"], rtol=1e-5, atol=1e-6)
+
+
+def guard_worker(rank, world_size):
+    from simvq_scale.train.nonfinite import NonFiniteGuard
+
+    module = torch.nn.Linear(2, 2)
+    guard = NonFiniteGuard([module], torch.device("cpu"), "skip")
+    verdicts = []
+    for bad_rank in (0, None):  # a step where rank 0 had one non-finite micro-step, then a clean step
+        guard.check(module, torch.tensor(1.0))
+        guard.check(module, torch.tensor(float("nan") if rank == bad_rank else 2.0))
+        verdicts.append(bool(guard.take(module)))
+    return {"verdicts": verdicts, "count": int(guard.count)}
+
+
+@pytest.mark.slow
+def test_the_guard_verdict_covers_every_micro_step_and_every_rank_and_resets_per_step():
+    ranks = run_distributed(guard_worker, 2, timeout_s=120)
+    assert [r["verdicts"] for r in ranks] == [[False, True], [False, True]]  # rank 1's losses were all finite
+    assert [r["count"] for r in ranks] == [1, 0]

@@ -85,11 +85,13 @@ def nan_worker(rank, world_size, overrides):
     x = first_batch(trainer)
     before = flat(trainer.generator)
     x_bad = x.clone()
-    x_bad[0, 0, 0, 0] = float("nan")
+    if rank == 0:  # one rank's micro-step goes wrong: every rank must skip the step
+        x_bad[0, 0, 0, 0] = float("nan")
     trainer.generator_step(x_bad)
-    after = flat(trainer.generator)
-    outcome = {"params_finite": bool(torch.isfinite(after).all()), "count": None, "error": None}
-    outcome["moved"] = not torch.equal(before, after)
+    skipped = flat(trainer.generator)
+    trainer.generator_step(x)  # the next step proceeds
+    outcome = {"skipped": torch.equal(before, skipped), "moved_after": not torch.equal(skipped, flat(trainer.generator)),
+               "params": flat(trainer.generator), "count": None, "error": None}
     try:
         outcome["count"] = trainer.guard.reduce(trainer.state.step)
     except FloatingPointError as e:
@@ -97,13 +99,21 @@ def nan_worker(rank, world_size, overrides):
     return outcome
 
 
-def test_nan_policies(demo_data, tmp_path):
-    skip = run_distributed(nan_worker, 1, tiny_overrides(demo_data, tmp_path / "skip", "train.nan_policy=skip"),
-                           timeout_s=300)[0]
-    assert skip["params_finite"] and skip["count"] == 1 and skip["error"] is None
+@pytest.mark.parametrize("stages", [(0, 0), (2, 1)], ids=["zero0", "zero2-1"])
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(demo_data, tmp_path, stages):
+    overrides = tiny_overrides(demo_data, tmp_path / "skip", "train.nan_policy=skip", "train.global_batch=4",
+                               f"optim.zero_stage_g={stages[0]}", f"optim.zero_stage_d={stages[1]}")
+    ranks = run_distributed(nan_worker, 2, overrides, timeout_s=300)
+    for r in ranks:
+        assert r["skipped"] and r["moved_after"] and r["count"] == 1 and r["error"] is None
+        assert torch.isfinite(r["params"]).all()
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+
+
+def test_nan_policy_stop_raises_at_the_count(demo_data, tmp_path):
     stop = run_distributed(nan_worker, 1, tiny_overrides(demo_data, tmp_path / "stop", "train.nan_policy=stop"),
                            timeout_s=300)[0]
-    assert stop["error"] and "nan_policy=stop" in stop["error"]
+    assert stop["skipped"] and stop["error"] and "nan_policy=stop" in stop["error"]
 
 
 def test_plain_python_run_writes_every_tag_and_a_loadable_export(demo_data, tmp_path):

@@ -99,7 +99,8 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
     elapsed = time.perf_counter() - start
     # a few more steps under the profiler, after (and apart from) the timed ones
     kernel_ms = profile_steps(trainer, batch, name, args, device) if args.profile else {}
-    syncs = host_syncs(lambda: trainer.train_step(batch(0)), name) if args.find_syncs and device.type == "cuda" else None
+    find_syncs = args.find_syncs and device.type == "cuda"
+    syncs = host_syncs(lambda: trainer.train_step(batch(0)), name) if find_syncs else None
     step_s = elapsed / args.steps
     samples = cfg.train.global_batch
     unit = trainer.modality.samples_per_unit(cfg.data)
@@ -209,7 +210,8 @@ def warnings_by_caller(run: Callable[[], None], skip: tuple[str, ...] = ("/torch
 
     def record(message, category, filename, lineno, file=None, line=None):
         frames = traceback.extract_stack()[:-1]
-        caller = next((f for f in reversed(frames) if not any(part in f"{f.filename} in {f.name}" for part in skip)), frames[-1])
+        outside = [f for f in frames if not any(part in f"{f.filename} in {f.name}" for part in skip)]
+        caller = (outside or frames)[-1]
         short = caller.filename.split("site-packages/")[-1]
         short = "simvq_scale/" + short.split("/simvq_scale/")[-1] if "/simvq_scale/" in short else short
         sites[f"{short}:{caller.lineno} in {caller.name}"] += 1

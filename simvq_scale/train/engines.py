@@ -94,8 +94,8 @@ class OptimizerStep:
     moments and Adam's step count stay as they were) when `losses_finite()` (NonFiniteGuard.take: collective)
     says some micro-step's loss on some rank was not finite, or, at ZeRO-0, when the gradient norm is not.
     ZeRO-0 (DeepSpeed told not to clip): the all-reduced gradients are clipped to `max_norm` on the device,
-    nothing read back to the host. ZeRO-1/2/3: DeepSpeed partitions and clips the gradients itself, with its
-    host syncs, and skips a step of non-finite gradients itself."""
+    nothing read back to the host. ZeRO-1/2: DeepSpeed partitions and clips the gradients itself, with its host
+    syncs, and skips a step of non-finite gradients itself."""
 
     def __init__(self, engine, max_norm: float, zero_stage: int, losses_finite: Callable[[], torch.Tensor]):
         self.engine, self.losses_finite = engine, losses_finite

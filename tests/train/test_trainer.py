@@ -90,8 +90,9 @@ def nan_worker(rank, world_size, overrides):
     trainer.generator_step(x_bad)
     skipped = flat(trainer.generator)
     trainer.generator_step(x)  # the next step proceeds
-    outcome = {"skipped": torch.equal(before, skipped), "moved_after": not torch.equal(skipped, flat(trainer.generator)),
-               "params": flat(trainer.generator), "count": None, "error": None}
+    after = flat(trainer.generator)
+    outcome = {"skipped": torch.equal(before, skipped), "moved_after": not torch.equal(skipped, after),
+               "params": after, "count": None, "error": None}
     try:
         outcome["count"] = trainer.guard.reduce(trainer.state.step)
     except FloatingPointError as e:

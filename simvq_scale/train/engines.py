@@ -87,6 +87,18 @@ def build_engine(model: nn.Module, cfg: Config, lr: float, zero_stage: int, micr
     return engine
 
 
+def keep_adamw_fused(optimizer: torch.optim.Optimizer) -> None:
+    """After a checkpoint load: the client AdamW fused again, its step counts where the fused kernel keeps them.
+    load_state_dict takes the saved param groups' settings, and a checkpoint written before the client AdamW
+    was fused says fused=None (step counts on the host); the unfused AdamW refuses OptimizerStep's found_inf."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state:
+                state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+
+
 class OptimizerStep:
     """One engine's optimizer step after its backward, decided on the device, and the gradient norm for the log.
 

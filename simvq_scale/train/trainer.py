@@ -33,7 +33,7 @@ from simvq_scale.quant import build_quantizer
 from simvq_scale.train import flops
 from simvq_scale.train.checkpoint import Checkpointer
 from simvq_scale.train.ema import EMA
-from simvq_scale.train.engines import OptimizerStep, build_engine, compile_networks
+from simvq_scale.train.engines import OptimizerStep, build_engine, compile_networks, keep_adamw_fused
 from simvq_scale.train.logging import ConsoleLogger, NoOpLogger, RunLogger, Stopwatch, Ticker
 from simvq_scale.train.metrics import Metrics
 from simvq_scale.train.nonfinite import NonFiniteGuard
@@ -295,6 +295,8 @@ class Trainer:
 
     def _restore(self, root: Path, tag: str) -> None:
         client, rank_state = self.checkpointer.load(root, tag, self.engine_g, self.engine_d)
+        for engine in (self.engine_g, self.engine_d):
+            keep_adamw_fused(engine.basic_optimizer)
         self.state.load_state_dict(client)
         if rank_state is not None:  # re-split by the checkpointer when the world size changed
             self.state.load_rank_state_dict(rank_state)

@@ -45,7 +45,10 @@ class CodebookUsage:
             raise ValueError(f"code indices span [{int(flat.min())}, {int(flat.max())}], "
                              f"outside a codebook of {self.codebook_size}")
         if self.counts.device != flat.device:
+            # the first step on the training device, after construction or a restore (which loads on the CPU):
+            # the kept steps move too, or forgetting one of them would mix devices
             self.counts = self.counts.to(flat.device)
+            self.steps = deque(step.to(flat.device) for step in self.steps)
         self.counts += self._bincount(flat)
         self.steps.append(flat)
         self.tokens += flat.numel()

@@ -48,6 +48,25 @@ def test_state_round_trip_restores_the_window():
         CodebookUsage(codebook_size=60, window_tokens=20).load_state_dict(a.state_dict())
 
 
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_a_window_restored_on_the_cpu_forgets_its_steps_on_the_training_device(device):
+    # --resume on a GPU: the state loads on the CPU, the next steps come on the device and push the restored
+    # steps out of the window (this raised "found at least two devices" at the first step after resuming)
+    a = CodebookUsage(codebook_size=50, window_tokens=20)
+    for step in range(4):
+        a.update(torch.randint(50, (7,), generator=torch.Generator().manual_seed(step)))
+    b = CodebookUsage(codebook_size=50, window_tokens=20)
+    b.load_state_dict(a.state_dict())
+    later = torch.arange(14)
+    a.update(later)
+    b.update(later.to(device))  # forgets two of the restored steps
+    assert b.tokens == a.tokens == 21 and len(b.steps) == len(a.steps) == 2
+    assert {s.device.type for s in b.steps} == {b.counts.device.type} == {device}
+    if device != "meta":  # meta tensors carry no values
+        assert torch.equal(b.counts.cpu(), a.counts)
+
+
 def _usage_on_rank(rank, world_size, tokens_per_rank):
     usage = CodebookUsage(codebook_size=32, window_tokens=1000)
     usage.update(tokens_per_rank[rank])

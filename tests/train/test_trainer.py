@@ -81,6 +81,20 @@ def test_resume_reproduces_the_uninterrupted_run(demo_data, tmp_path):
     assert (tmp_path / "resumed" / "ckpt" / "discriminator" / "step000000004").is_dir()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_a_gpu_forgets_the_restored_usage_window(demo_data, tmp_path):
+    # the usage window loads on the CPU and the next steps' codes come on the GPU; each step here fills the
+    # window (1,024 tokens), so the first step after the resume forgets the restored ones (this raised "found
+    # at least two devices" on an H200)
+    common = ["train.log_every=1", "train.ckpt_every=2", "train.compile=false"]
+    first_half = tiny_overrides(demo_data, tmp_path / "run", *common, "train.steps=2")
+    second_half = tiny_overrides(demo_data, tmp_path / "run", *common, "train.steps=4")
+    run_distributed(fit_worker, 1, [(first_half, None), (second_half, "auto")], backend="nccl", timeout_s=600)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rows}) == [1, 2, 3, 4]
+    assert all(0 < r["codebook/utilization"] <= 1 for r in rows)
+
+
 def nan_worker(rank, world_size, overrides):
     trainer = make_trainer(overrides)
     x = first_batch(trainer)

@@ -92,11 +92,16 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
         warmup_times.append(time.perf_counter() - start)
         print(f"[{name}] warm-up step {i + 1}/{args.warmup}: {warmup_times[-1]:.2f} s", flush=True)
     synchronize(device)
+    fallbacks_before = int(trainer.quantizer.search_fallbacks)
     start = time.perf_counter()
     for i in range(args.steps):
         trainer.train_step(batch(i))
     synchronize(device)
     elapsed = time.perf_counter() - start
+    # tokens the fused search had to re-scan in full fp32 (its exactness fallback): a cost that depends on the data
+    fallbacks = (int(trainer.quantizer.search_fallbacks) - fallbacks_before) / args.steps
+    print(f"[{name}] search fallbacks: {fallbacks:.1f} tokens per step of "
+          f"{cfg.train.global_batch * trainer.tokens_per_sample}", flush=True)
     # a few more steps under the profiler, after (and apart from) the timed ones
     kernel_ms = profile_steps(trainer, batch, name, args, device) if args.profile else {}
     find_syncs = args.find_syncs and device.type == "cuda"
@@ -123,6 +128,7 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
         "steps": args.steps, "warmup": args.warmup, "data": args.data,
         "kernel_ms_per_step": kernel_ms,  # by kind, from --profile (empty without it, or on a CPU)
         "host_syncs_per_step": syncs,  # from --find-syncs (None without it, or on a CPU)
+        "search_fallbacks_per_step": fallbacks, "tokens_per_step": samples * trainer.tokens_per_sample,
     }
     del trainer, pool, batches
     gc.collect()
@@ -136,7 +142,7 @@ KERNEL_KINDS = (
     ("compiled fused kernels", ("triton_",)),  # before "conv": inductor names them after the ops they fuse
     ("convolutions", ("fprop", "dgrad", "wgrad", "conv")),
     ("matrix products", ("gemm", "cutlass", "cublas")),
-    ("codebook search", ("_best_tiles", "nearest")),
+    ("codebook search", ("_best_tiles", "_fallback_kernel", "_rerank_kernel", "_fp16_rows", "nearest")),
     ("optimizer", ("multi_tensor", "adam", "Adam")),
     ("copies and casts", ("Memcpy", "Memset", "copy", "CatArrayBatched")),
 )

@@ -27,6 +27,8 @@ FUSED_CONV_BACKWARD = "triton_red_fused_convolution_backward_native_group_norm_b
     (FUSED_CONV_BACKWARD, "compiled fused kernels"),  # a compiled kernel named after a convolution is not one
     ("triton_poi_fused__to_copy_native_group_norm_silu_3", "compiled fused kernels"),
     ("_best_tiles_kernel", "codebook search"),
+    ("_fallback_kernel", "codebook search"),  # the exactness fallback's full fp32 scan, not "other"
+    ("_rerank_kernel", "codebook search"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdam>", "optimizer"),
     ("Memcpy DtoD (Device -> Device)", "copies and casts"),
     ("void at::native::elementwise_kernel<128, 4>", "other kernels"),
@@ -87,6 +89,8 @@ def test_the_real_tool_times_a_default_and_a_baseline_on_a_cpu(demo_data, tmp_pa
     for row in rows:
         assert row["samples_per_s"] > 0 and row["step_ms"] > 0 and row["batch"] == 2
         assert row["device"] == "cpu" and row["mfu"] is None and row["kernel_ms_per_step"] == {}
+        # the torch search on a CPU never falls back; 2 images of 16 x 16 tokens (32 px, one downsampling)
+        assert row["search_fallbacks_per_step"] == 0 and row["tokens_per_step"] == 2 * 16 * 16
     assert (tmp_path / "profile" / "default.txt").read_text().strip()
     assert "default" in done.stdout and "vq" in done.stdout.splitlines()[-2]
 

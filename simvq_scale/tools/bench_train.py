@@ -100,8 +100,10 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
     elapsed = time.perf_counter() - start
     # tokens the fused search had to re-scan in full fp32 (its exactness fallback): a cost that depends on the data
     fallbacks = (int(trainer.quantizer.search_fallbacks) - fallbacks_before) / args.steps
-    print(f"[{name}] search fallbacks: {fallbacks:.1f} tokens per step of "
-          f"{cfg.train.global_batch * trainer.tokens_per_sample}", flush=True)
+    tokens = cfg.train.global_batch * trainer.tokens_per_sample
+    print(f"[{name}] search fallbacks: {fallbacks:.1f} tokens per step of {tokens}"
+          + (" (the fp32 re-scan is part of the step time: with synthetic input, compare with --data real)"
+             if fallbacks > 0.01 * tokens else ""), flush=True)
     # a few more steps under the profiler, after (and apart from) the timed ones
     kernel_ms = profile_steps(trainer, batch, name, args, device) if args.profile else {}
     find_syncs = args.find_syncs and device.type == "cuda"
@@ -128,7 +130,7 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
         "steps": args.steps, "warmup": args.warmup, "data": args.data,
         "kernel_ms_per_step": kernel_ms,  # by kind, from --profile (empty without it, or on a CPU)
         "host_syncs_per_step": syncs,  # from --find-syncs (None without it, or on a CPU)
-        "search_fallbacks_per_step": fallbacks, "tokens_per_step": samples * trainer.tokens_per_sample,
+        "search_fallbacks_per_step": fallbacks, "tokens_per_step": tokens,
     }
     del trainer, pool, batches
     gc.collect()

@@ -8,6 +8,8 @@ Single-process mode (default) times, side by side on one GPU and the same data:
   torch_bf16  the same chunked loop on bf16 operands         (a speed baseline, not exact)
   triton      search_triton.nearest_code_triton (fused, exact); triton@BMxBKxWxS picks the tile
               config (block_m, block_k, num_warps, num_stages)
+  triton_rescan  every token through the fused search's exactness fallback, its full fp32 scan
+              (what a token whose margin test fails costs; not in the default list)
 For each: median time of --repeats CUDA-event-timed runs after warm-up, TFLOP/s counted as 2 N K d,
 peak extra memory (max_memory_allocated delta), index mismatches against torch_fp32, 'wrong' tokens
 (chosen code's fp64 distance worse than the fp64 optimum by more than a few fp32 ulps) and, for
@@ -132,6 +134,11 @@ def bench_one_size(args, codebook_size: int, device: torch.device) -> list[dict]
             fn = lambda: nearest_code_torch(z, codes, codes_sq)[1]  # noqa: E731
         elif impl in ("torch_tf32", "torch_bf16"):
             fn = lambda p=impl.split("_")[1]: chunked_lowp_search(z, codes, codes_sq, p)  # noqa: E731
+        elif impl == "triton_rescan":
+            def fn():
+                dist, idx, stats["fallback"] = search_triton.search_with_stats(
+                    z, codes, codes_sq, **search_triton.fit_tiles(d), rescan_all=True)
+                return idx
         elif impl.startswith("triton"):
             config = parse_triton_config(impl)
 
@@ -139,7 +146,7 @@ def bench_one_size(args, codebook_size: int, device: torch.device) -> list[dict]
                 dist, idx, stats["fallback"] = search_triton.search_with_stats(z, codes, codes_sq, **config)
                 return idx
         else:
-            raise SystemExit(f"unknown --impls entry {impl!r}; choose from {ALL_IMPLS} or triton@BMxBKxWxS")
+            raise SystemExit(f"unknown --impls entry {impl!r}; choose from {ALL_IMPLS}, triton_rescan or triton@BMxBKxWxS")
         print(f"[K={k}] {impl}: timing {args.repeats} repeats ...", flush=True)
         extra, idx = peak_extra_bytes(fn)
         median_ms, times = time_cuda(fn, args.repeats, args.warmup)

@@ -62,14 +62,15 @@ def make_case(kind: str, n: int, k: int, d: int, seed: int, device: str = "cpu")
     return z.to(device), codes.to(device), planted
 
 
-def check_case(kind: str, n: int, k: int, d: int, seed: int, device: str = "cpu") -> dict:
+def check_case(kind: str, n: int, k: int, d: int, seed: int, device: str = "cpu", rescan_all: bool = False) -> dict:
     z, codes, planted = make_case(kind, n, k, d, seed, device)
-    dist, idx, fallback = search_triton.search_with_stats(z, codes, **search_triton.fit_tiles(d))
+    dist, idx, fallback = search_triton.search_with_stats(z, codes, **search_triton.fit_tiles(d),
+                                                          rescan_all=rescan_all)
     ref_dist, ref_idx = nearest_code_torch(z, codes)
     excess, tolerance = fp64_excess(z, codes, idx)
     planted_tokens = sorted(planted)
     return {
-        "kind": kind, "n": n, "k": k, "d": d, "fallback": int(fallback),
+        "kind": f"rescan-{kind}" if rescan_all else kind, "n": n, "k": k, "d": d, "fallback": int(fallback),
         "mismatches": int((idx != ref_idx).sum()),
         "wrong": int((excess > tolerance).sum()),
         "planted_wrong": int(sum(int(idx[t]) != planted[t] for t in planted_tokens)),
@@ -88,6 +89,8 @@ INTERPRET_CASES = [
     ("huge_norms", 64, 700, 32, 5),
     ("random", 40, 333, 512, 6),  # audio width: smaller tiles, fewer stages
 ]
+# Every token through the fallback's full fp32 scan (search_with_stats(rescan_all=True)).
+RESCAN_CASES = [("duplicates", 40, 640, 32, 3), ("huge_norms", 64, 700, 32, 5), ("random", 24, 333, 512, 6)]
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +191,17 @@ def test_interpreted_duplicates_use_fallback_and_lowest_index(interpreted):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", RESCAN_CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}x{c[3]}" for c in RESCAN_CASES])
+def test_interpreted_full_fp32_scan_is_exact_on_every_token(interpreted, case):
+    result = interpreted[(f"rescan-{case[0]}", *case[1:4])]
+    assert result["fallback"] == case[1], result  # every token went through the scan
+    assert result["wrong"] == 0 and result["planted_wrong"] == 0 and result["in_range"], result
+    assert result["dist_gap"] <= 1.0, result
+    if case[0] != "duplicates":
+        assert result["mismatches"] == 0, result
+
+
+@pytest.mark.slow
 def test_interpreted_search_reads_nothing_back_to_the_host(interpreted):
     result = interpreted["host_reads"]
     # the recorder sees the reads the former fallback made (nonzero, int(), mask indexing, tolist) ...
@@ -241,6 +255,18 @@ def test_gpu_fused_search_is_exact(kind, n, k, d):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("kind,n,k,d", [("random", 4096, 100_003, 128), ("duplicates", 512, 65_536, 128),
+                                        ("huge_norms", 2048, 70_001, 128), ("random", 1500, 262_144, 512)])
+def test_gpu_full_fp32_scan_is_exact_on_every_token(kind, n, k, d):
+    result = check_case(kind, n, k, d, seed=11, device="cuda", rescan_all=True)
+    assert result["fallback"] == n, result
+    assert result["wrong"] == 0 and result["planted_wrong"] == 0 and result["in_range"], result
+    if kind != "duplicates":
+        assert result["mismatches"] == 0, result
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_dispatch_uses_the_kernel_and_matches():
     z, codes, _ = make_case("random", 777, 33_333, 128, seed=3, device="cuda")
     dist, idx = nearest_code(z, codes, impl="triton")
@@ -266,7 +292,28 @@ def test_gpu_search_with_fallback_never_syncs_with_the_host():
     assert int(fallbacks) > 0 and int(fallbacks) % 2 == 0  # two equal calls, each with re-scanned tokens
 
 
+def dot_in_the_gpus_order(self, a, b, acc, input_precision, max_num_imprecise_acc):
+    """The interpreter's tl.dot, summed as the GPU's CUDA-core dot sums: term by term in the order of the
+    inner dimension, the same sequence for every output element (Triton's FMA lowering), so equal codes
+    score equal distances. Numpy's matmul, which the interpreter calls, hands edge columns to other BLAS
+    kernels and scored two copies of a code differently, which no GPU does. (Products here are rounded
+    before the add, where the GPU fuses them; fp16 products are exact in fp32 either way.)"""
+    import numpy as np
+    from triton.runtime.interpreter import TensorHandle
+
+    left, right = a.data.astype(np.float32), b.data.astype(np.float32)
+    total = acc.data.astype(np.float32)
+    for k in range(left.shape[-1]):
+        total = total + left[..., :, k : k + 1] * right[..., k : k + 1, :]
+    return TensorHandle(total.astype(acc.data.dtype), acc.dtype.scalar)
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--interpret-cases"]:
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    InterpreterBuilder.create_dot = dot_in_the_gpus_order
     for case in INTERPRET_CASES:
         print(json.dumps(check_case(*case)), flush=True)
+    for case in RESCAN_CASES:
+        print(json.dumps(check_case(*case, rescan_all=True)), flush=True)
     print(json.dumps(host_reads_case()), flush=True)

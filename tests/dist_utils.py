@@ -36,7 +36,8 @@ def _child(fn, rank: int, world_size: int, port: int, backend: str, init_process
            timeout_s: float, results, args) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed puts the model on its accelerator: the CPU one for gloo children, CUDA for NCCL ones
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if backend == "nccl" else "cpu")
     torch.set_num_threads(1)  # P children on a 2-core machine: oversubscription only slows them
     try:
         if init_process_group:

@@ -15,7 +15,9 @@ synchronizations. Printed: a table and one JSON line per variant with samples_pe
 audio per second as well), step_ms, peak_mem_gib (max allocated over the variant), model_tflops_per_gpu
 and mfu by the trainer's FLOP count, compile_s (the warm-up steps' time above the steady step time),
 first_step_s, and the default/baseline ratio; with --profile also the device kernel time per step by kind
-(convolutions, layout transposes, compiled fused kernels, search, optimizer, copies), and with --find-syncs
+(convolutions, layout transposes, compiled fused kernels, search, optimizer, copies) and the device's idle
+time per step by the phase of train_step the host was in when the GPU resumed (the profiler slows the host,
+so these idle figures run higher than in the timed steps: read them as where, not how much), and with --find-syncs
 the host syncs of one step by caller (GPU only). The default variant
 is the config as given; each --baseline NAME:KEY=VALUE,KEY=VALUE adds a variant (e.g. today's eager
 path). Runs on one process (world size 1; plain python, no launcher); CPU works for a smoke test.
@@ -24,6 +26,7 @@ path). Runs on one process (world size 1; plain python, no launcher); CPU works 
 from __future__ import annotations
 
 import argparse
+import bisect
 import gc
 import json
 import sys
@@ -105,7 +108,7 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
           + (" (the fp32 re-scan is part of the step time: with synthetic input, compare with --data real)"
              if fallbacks > 0.01 * tokens else ""), flush=True)
     # a few more steps under the profiler, after (and apart from) the timed ones
-    kernel_ms = profile_steps(trainer, batch, name, args, device) if args.profile else {}
+    kernel_ms, idle_ms = profile_steps(trainer, batch, name, args, device) if args.profile else ({}, {})
     find_syncs = args.find_syncs and device.type == "cuda"
     syncs = host_syncs(lambda: trainer.train_step(batch(0)), name) if find_syncs else None
     step_s = elapsed / args.steps
@@ -129,6 +132,7 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "steps": args.steps, "warmup": args.warmup, "data": args.data,
         "kernel_ms_per_step": kernel_ms,  # by kind, from --profile (empty without it, or on a CPU)
+        "device_idle_ms_per_step": idle_ms,  # by the step phase the host was in, from --profile (likewise)
         "host_syncs_per_step": syncs,  # from --find-syncs (None without it, or on a CPU)
         "search_fallbacks_per_step": fallbacks, "tokens_per_step": tokens,
     }
@@ -164,9 +168,9 @@ def kernel_time_by_kind(kernels: list[tuple[str, float]], steps: int) -> dict[st
     return summary | {"total": sum(per_kind.values())}
 
 
-def profile_steps(trainer, batch, name: str, args, device: torch.device) -> dict[str, float]:
-    """Profile --profile-steps more steps: the op table to DIR/NAME.txt, and device kernel time per step by kind
-    (returned; empty on a CPU, which runs no kernels)."""
+def profile_steps(trainer, batch, name: str, args, device: torch.device) -> tuple[dict, dict]:
+    """Profile --profile-steps more steps: the op table to DIR/NAME.txt; returns device kernel time per step by
+    kind and device idle time per step by step phase (both empty on a CPU, which runs no kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -179,7 +183,11 @@ def profile_steps(trainer, batch, name: str, args, device: torch.device) -> dict
     events = profiler.events()
     kernels = device_kernels(events)
     by_kind = kernel_time_by_kind(kernels, args.profile_steps) if kernels else {}
+    idle = idle_time_by_phase(events, args.profile_steps)
     summary = "\n".join(f"  {kind:<24} {ms:8.2f} ms/step" for kind, ms in by_kind.items())
+    if idle:
+        summary += "\ndevice idle, by the step phase the host was in when the GPU resumed:\n" + "\n".join(
+            f"  {phase:<24} {ms:8.2f} ms/step" for phase, ms in idle.items())
     transposes = format_transpose_sources(transpose_sources(events, args.profile_steps))
     folder = Path(args.profile)
     folder.mkdir(parents=True, exist_ok=True)
@@ -190,7 +198,32 @@ def profile_steps(trainer, batch, name: str, args, device: torch.device) -> dict
         print(f"[{name}] device kernels by kind:\n{summary}", flush=True)
     if transposes:
         print(f"[{name}] {transposes}", flush=True)
-    return by_kind
+    return by_kind, idle
+
+
+def idle_time_by_phase(events, steps: int) -> dict[str, float]:
+    """Milliseconds per step the device sat idle, by the phase of Trainer.train_step (its STEP_PHASE profiler
+    ranges) the host was in when the next kernel started: the host work the GPU waited for. A gap that ends
+    outside every phase is "between steps" (the benchmark's loop). Kernels of all streams count as busy."""
+    from torch.autograd import DeviceType
+
+    from simvq_scale.train.trainer import STEP_PHASE
+
+    busy = sorted((e.time_range.start, e.time_range.end) for e in events
+                  if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+    phases = sorted((e.time_range.start, e.time_range.end, e.name.removeprefix(STEP_PHASE)) for e in events
+                    if e.device_type == DeviceType.CPU and e.name.startswith(STEP_PHASE))
+    phase_starts = [start for start, _, _ in phases]
+    idle: dict[str, float] = {}
+    busy_until = busy[0][1] if busy else 0.0
+    for start, end in busy[1:]:
+        if start > busy_until:
+            i = bisect.bisect_right(phase_starts, start) - 1
+            phase = phases[i][2] if i >= 0 and phases[i][1] >= start else "between steps"
+            idle[phase] = idle.get(phase, 0.0) + (start - busy_until) / 1000 / steps
+        busy_until = max(busy_until, end)
+    summary = dict(sorted(idle.items(), key=lambda item: -item[1]))
+    return summary | {"total": sum(idle.values())} if idle else {}
 
 
 def host_syncs(step: Callable[[], None], name: str) -> int:

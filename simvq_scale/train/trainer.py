@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from simvq_scale import distributed
 from simvq_scale.config import Config, dump_config, micro_batch_and_accumulation, to_dict
@@ -40,6 +41,11 @@ from simvq_scale.train.nonfinite import NonFiniteGuard
 from simvq_scale.train.run_dir import CONFIG_FILE, RunDir, resolve_resume
 from simvq_scale.train.state import TrainState
 from simvq_scale.train.validation import Validation
+
+
+# Prefix of the profiler ranges that split train_step into its phases (bench_train --profile attributes the
+# device's idle time to them).
+STEP_PHASE = "step: "
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -169,7 +175,7 @@ class Trainer:
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A batch from the loader on this rank's device, in the memory layout the networks run in."""
         x = x.to(self.device, non_blocking=True)
-        if self.channels_last:
+        if self.channels_last and x.dim() == 4:  # images; a waveform (B, 1, T) has no 2-D layout
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -181,10 +187,12 @@ class Trainer:
             x_hat, parts = self.generator_step(x, adversarial)
             if adversarial:
                 parts.update(self.discriminator_step(x, x_hat))
-            self.metrics.add(parts)
+            with record_function(f"{STEP_PHASE}metrics"):
+                self.metrics.add(parts)
         self.state.step += 1
         self.state.samples_seen += self.cfg.train.global_batch
-        self.state.ema.update(self.generator)
+        with record_function(f"{STEP_PHASE}EMA update"):
+            self.state.ema.update(self.generator)
 
     def generator_step(self, x: torch.Tensor, adversarial: bool = True) -> tuple[torch.Tensor, dict]:
         """One forward/backward/step of the G engine with D frozen; returns (sg(x_hat), loss parts).
@@ -195,26 +203,31 @@ class Trainer:
         disc = self.engine_d.module
         disc.requires_grad_(False)
         try:
-            with self._autocast():
+            with self._autocast(), record_function(f"{STEP_PHASE}G forward and loss"):
                 x_hat, quant = self.engine_g(x)
                 loss, parts = self.objective.generator_loss(x, x_hat, quant, disc if adversarial else None,
                                                             self.generator.last_layer)
-            self.guard.check(self.generator, loss)
-            self.engine_g.backward(loss)
-            self.step_g()
+            with record_function(f"{STEP_PHASE}G backward"):
+                self.guard.check(self.generator, loss)
+                self.engine_g.backward(loss)
+            with record_function(f"{STEP_PHASE}G optimizer step"):
+                self.step_g()
         finally:
             disc.requires_grad_(True)
-        self.metrics.add_indices(quant.indices)
+        with record_function(f"{STEP_PHASE}metrics"):
+            self.metrics.add_indices(quant.indices)
         parts.update({f"quantizer/{name}": value for name, value in quant.stats.items()})
         return x_hat.detach(), parts
 
     def discriminator_step(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
         """One forward/backward/step of the D engine on (x, sg(x_hat))."""
-        with self._autocast():
+        with self._autocast(), record_function(f"{STEP_PHASE}D forward and loss"):
             loss, parts = self.objective.discriminator_loss(self.engine_d, x, x_hat)
-        self.guard.check(self.discriminator, loss)
-        self.engine_d.backward(loss)
-        self.step_d()
+        with record_function(f"{STEP_PHASE}D backward"):
+            self.guard.check(self.discriminator, loss)
+            self.engine_d.backward(loss)
+        with record_function(f"{STEP_PHASE}D optimizer step"):
+            self.step_d()
         return parts
 
     # ------------------------------------------------------------------ the loop

@@ -72,6 +72,33 @@ def test_transposes_are_traced_to_the_op_and_region_that_launched_them():
     assert sources[1]["calls"] == 0.5 and sources[1]["ms"] == pytest.approx(0.02)
 
 
+def timed(name, start, end, device_type, annotation=False):
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device_type,
+                           is_user_annotation=annotation)
+
+
+def test_device_idle_is_charged_to_the_phase_the_host_was_in_when_the_gpu_resumed():
+    from torch.autograd import DeviceType
+
+    from simvq_scale.train.trainer import STEP_PHASE
+
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [
+        timed(f"{STEP_PHASE}G forward and loss", 0, 100, cpu), timed(f"{STEP_PHASE}G optimizer step", 100, 180, cpu),
+        timed("aten::mm", 10, 20, cpu),  # host ops inside a phase are not phases
+        timed("kernel a", 5, 50, gpu), timed("kernel b", 40, 60, gpu),  # overlapping streams: busy until 60
+        timed("kernel c", 90, 95, gpu),  # idle 60-90, resumed in G's forward
+        timed("annotation", 95, 170, gpu, annotation=True),  # a range on the device timeline, not work
+        timed("kernel d", 150, 160, gpu),  # idle 95-150, resumed in the optimizer step
+        timed("kernel e", 2160, 2170, gpu),  # idle 160-2160, resumed outside every phase
+    ]
+    idle = bench_train.idle_time_by_phase(events, steps=2)
+    assert idle == pytest.approx({"between steps": 1.0, "G optimizer step": 0.0275, "G forward and loss": 0.015,
+                                  "total": 1.0425})
+    assert list(idle) == ["between steps", "G optimizer step", "G forward and loss", "total"]
+    assert bench_train.idle_time_by_phase([timed("kernel", 0, 5, gpu)], steps=1) == {}
+
+
 @pytest.mark.slow
 def test_the_real_tool_times_a_default_and_a_baseline_on_a_cpu(demo_data, tmp_path):
     jsonl = tmp_path / "bench.jsonl"
@@ -89,9 +116,12 @@ def test_the_real_tool_times_a_default_and_a_baseline_on_a_cpu(demo_data, tmp_pa
     for row in rows:
         assert row["samples_per_s"] > 0 and row["step_ms"] > 0 and row["batch"] == 2
         assert row["device"] == "cpu" and row["mfu"] is None and row["kernel_ms_per_step"] == {}
+        assert row["device_idle_ms_per_step"] == {}
         # the torch search on a CPU never falls back; 2 images of 16 x 16 tokens (32 px, one downsampling)
         assert row["search_fallbacks_per_step"] == 0 and row["tokens_per_step"] == 2 * 16 * 16
-    assert (tmp_path / "profile" / "default.txt").read_text().strip()
+    table = (tmp_path / "profile" / "default.txt").read_text()
+    # the step's phases are profiler ranges (what the device's idle time is charged to on a GPU)
+    assert "step: G forward and loss" in table and "step: D optimizer step" in table, table
     assert "default" in done.stdout and "vq" in done.stdout.splitlines()[-2]
 
 

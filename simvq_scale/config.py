@@ -232,9 +232,10 @@ class ModelConfig:
     audio: AudioModelConfig = field(default_factory=AudioModelConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     ema_decay: float = 0.999  # EMA of the generator weights, used for evaluation and export
-    # compiled image networks run NHWC (inductor's layout forced; batches channels_last): cuDNN's bf16 kernels
-    # are NHWC, and NCHW graphs paid 13 ms of transposes per step (README, Benchmarks). Parameters stay NCHW
-    # (DeepSpeed flattens them; the graphs convert them as they cast to bf16). Eager runs and audio ignore it.
+    # compiled networks run their 2-D convolutions NHWC (inductor's layout forced; image batches channels_last):
+    # cuDNN's bf16 kernels are NHWC, and NCHW graphs paid 13 ms of transposes per image step and 43 ms per audio
+    # step (the MPD and MRD discriminators; README, Benchmarks). Parameters stay NCHW (DeepSpeed flattens them;
+    # the graphs convert them as they cast to bf16). Eager runs ignore it.
     channels_last: bool = True
 
 

@@ -18,6 +18,10 @@ class AudioModality(Modality):
     recon_loss_tag = "loss/mel"
     sample_noun = "s of audio"
 
+    def channels_last(self, cfg):
+        # the discriminators are 2-D: MPD folds the waveform into (T/p, p) planes, MRD convolves spectrograms
+        return cfg.model.channels_last
+
     def check_config(self, cfg):
         from simvq_scale.models.norms import NORM_GROUPS
 

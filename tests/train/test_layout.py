@@ -1,7 +1,7 @@
 """What gets compiled, and in which layout: on a GPU the compiled image step runs its convolutions NHWC
 (model.channels_last), so cuDNN transposes no activations (torch.profiler's kernels, traced to their ops with
-bench_train's --profile helpers); channels-last is for images only; networks compiled again get their own
-graphs."""
+bench_train's --profile helpers); channels-last follows model.channels_last for images and audio (whose
+discriminators are 2-D); networks compiled again get their own graphs."""
 
 import pytest
 import torch
@@ -50,7 +50,7 @@ def test_channels_last_compiled_step_transposes_no_activations(demo_data, tmp_pa
     assert not others, others
 
 
-def test_channels_last_is_on_for_images_and_never_for_1d_audio():
+def test_channels_last_follows_the_config_for_images_and_for_audio():
     from simvq_scale.config import load_config
     from simvq_scale.modality import get_modality
     from tests.helpers import ROOT
@@ -58,8 +58,10 @@ def test_channels_last_is_on_for_images_and_never_for_1d_audio():
     image = get_modality("image")
     assert image.channels_last(load_config(ROOT / "configs" / "image_262k.yaml"))
     assert not image.channels_last(load_config(ROOT / "configs" / "image_262k.yaml", ["model.channels_last=false"]))
-    # the audio networks' convolutions are 1-D: forcing a 2-D layout on their graphs has no meaning
-    assert not get_modality("audio").channels_last(load_config(ROOT / "configs" / "audio_262k.yaml"))
+    # the audio discriminators' convolutions are 2-D (MPD's folded waveform, MRD's spectrograms)
+    audio = get_modality("audio")
+    assert audio.channels_last(load_config(ROOT / "configs" / "audio_262k.yaml"))
+    assert not audio.channels_last(load_config(ROOT / "configs" / "audio_262k.yaml", ["model.channels_last=false"]))
 
 
 def test_networks_compiled_again_get_their_own_graphs():

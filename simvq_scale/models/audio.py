@@ -208,11 +208,23 @@ class ISTFTHead(nn.Module):
     def _overlap_add(self, frames: torch.Tensor) -> torch.Tensor:
         n_frames = frames.shape[-1]
         length = (n_frames - 1) * self.hop + self.n_fft
-        fold = dict(output_size=(1, length), kernel_size=(1, self.n_fft), stride=(1, self.hop))
-        wave = F.fold(frames, **fold)[:, 0, 0]
-        envelope = F.fold(self.window.square()[None, :, None].expand(1, -1, n_frames), **fold)[0, 0, 0]
+        wave = self._add_shifted(frames)
+        envelope = self._add_shifted(self.window.square()[None, :, None].expand(1, -1, n_frames))[0]
         trim = (self.n_fft - self.hop) // 2
         return wave[:, trim:length - trim] / envelope[trim:length - trim]
+
+    def _add_shifted(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, n_fft, L) frames, frame l starting at sample l * hop -> (B, (L - 1) * hop + n_fft) summed.
+
+        Each frame is cut into hop-long pieces; piece j of every frame lands j hops later, so the sum is
+        ceil(n_fft / hop) shifted, whole-batch additions. (F.fold computes the same sum, but its CUDA kernels
+        and their backward, im2col, loop over the batch: 8 ms of an audio_262k step at batch 80 on an H200.)"""
+        batch, n_fft, n_frames = frames.shape
+        pieces = math.ceil(n_fft / self.hop)
+        cut = F.pad(frames, (0, 0, 0, pieces * self.hop - n_fft)).view(batch, pieces, self.hop, n_frames)
+        cut = cut.transpose(2, 3)  # (B, pieces, L, hop)
+        total = sum(F.pad(cut[:, j], (0, 0, j, pieces - 1 - j)) for j in range(pieces))  # (B, L + pieces - 1, hop)
+        return total.reshape(batch, -1)[:, : (n_frames - 1) * self.hop + n_fft]
 
 
 class VocosDecoder(nn.Module):

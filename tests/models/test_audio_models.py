@@ -106,6 +106,21 @@ def test_istft_head_overlap_add_inverts_same_padded_frames():
     torch.testing.assert_close(recon, wave, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("n_fft, hop", [(64, 16), (10, 4), (8, 8)])
+def test_overlap_add_is_the_sum_fold_computes(n_fft, hop):
+    # frame l starts at sample l * hop; hop need not divide n_fft
+    frames = torch.randn(3, n_fft, 7, dtype=torch.float64, requires_grad=True)
+    head = ISTFTHead(dim=4, n_fft=n_fft, hop=hop)
+    length = 6 * hop + n_fft
+    folded = torch.nn.functional.fold(frames, output_size=(1, length), kernel_size=(1, n_fft), stride=(1, hop))
+    summed = head._add_shifted(frames)
+    torch.testing.assert_close(summed, folded[:, 0, 0])
+    weights = torch.randn(3, length, dtype=torch.float64)
+    grad_summed, = torch.autograd.grad((summed * weights).sum(), frames)
+    grad_folded, = torch.autograd.grad((folded[:, 0, 0] * weights).sum(), frames)
+    torch.testing.assert_close(grad_summed, grad_folded)
+
+
 def test_hop_must_match_the_strides():
     cfg = tiny_cfg("model.audio.hop=256")
     with pytest.raises(ValueError, match="model.audio.hop=256"):

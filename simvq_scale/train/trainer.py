@@ -175,7 +175,7 @@ class Trainer:
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A batch from the loader on this rank's device, in the memory layout the networks run in."""
         x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.dim() == 4:  # images; a waveform (B, 1, T) has no 2-D layout
+        if self.channels_last and x.dim() == 4:  # images; waveforms (B, T) have no 2-D layout
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 

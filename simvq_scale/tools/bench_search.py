@@ -73,11 +73,13 @@ def chunked_lowp_search(z: torch.Tensor, codes: torch.Tensor, codes_sq: torch.Te
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
-def parse_triton_config(name: str) -> dict:
-    if name == "triton":
-        return {}
+def parse_triton_config(name: str, dim: int) -> dict:
+    """search_with_stats keywords for an --impls entry: the tiles the trainer uses for this width (triton,
+    triton_rescan, the latter sending every token to the fp32 fallback scan) or triton@BMxBKxWxS's own."""
+    if name in ("triton", "triton_rescan"):
+        return search_triton.fit_tiles(dim) | {"rescan_all": name == "triton_rescan"}
     try:
-        block_m, block_k, num_warps, num_stages = (int(v) for v in name.split("@", 1)[1].split("x"))
+        block_m, block_k, num_warps, num_stages = (int(v) for v in name.removeprefix("triton@").split("x"))
     except ValueError as error:
         raise SystemExit(f"--impls {name!r}: expected triton@BMxBKxWARPSxSTAGES, e.g. triton@128x128x8x3") from error
     return {"block_m": block_m, "block_k": block_k, "num_warps": num_warps, "num_stages": num_stages}
@@ -134,13 +136,8 @@ def bench_one_size(args, codebook_size: int, device: torch.device) -> list[dict]
             fn = lambda: nearest_code_torch(z, codes, codes_sq)[1]  # noqa: E731
         elif impl in ("torch_tf32", "torch_bf16"):
             fn = lambda p=impl.split("_")[1]: chunked_lowp_search(z, codes, codes_sq, p)  # noqa: E731
-        elif impl == "triton_rescan":
-            def fn():
-                dist, idx, stats["fallback"] = search_triton.search_with_stats(
-                    z, codes, codes_sq, **search_triton.fit_tiles(d), rescan_all=True)
-                return idx
         elif impl.startswith("triton"):
-            config = parse_triton_config(impl)
+            config = parse_triton_config(impl, d)
 
             def fn(config=config):
                 dist, idx, stats["fallback"] = search_triton.search_with_stats(z, codes, codes_sq, **config)
@@ -231,7 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (compilation, caches)")
     parser.add_argument("--impls", nargs="+", default=list(ALL_IMPLS),
-                        help=f"implementations: {' '.join(ALL_IMPLS)} or triton@BMxBKxWARPSxSTAGES")
+                        help=f"implementations: {' '.join(ALL_IMPLS)}, triton_rescan or triton@BMxBKxWARPSxSTAGES")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--sharded", action="store_true", help="time sharded_nearest (launch under torchrun, NCCL)")

@@ -164,8 +164,11 @@ def kernel_time_by_kind(kernels: list[tuple[str, float]], steps: int) -> dict[st
     for kernel_name, us in kernels:
         kind = kernel_kind(kernel_name)
         per_kind[kind] = per_kind.get(kind, 0.0) + us / 1000 / steps
-    summary = dict(sorted(per_kind.items(), key=lambda item: -item[1]))
-    return summary | {"total": sum(per_kind.values())}
+    return largest_first_with_total(per_kind)
+
+
+def largest_first_with_total(ms_by_key: dict[str, float]) -> dict[str, float]:
+    return dict(sorted(ms_by_key.items(), key=lambda item: -item[1])) | {"total": sum(ms_by_key.values())}
 
 
 def profile_steps(trainer, batch, name: str, args, device: torch.device) -> tuple[dict, dict]:
@@ -209,8 +212,7 @@ def idle_time_by_phase(events, steps: int) -> dict[str, float]:
 
     from simvq_scale.train.trainer import STEP_PHASE
 
-    busy = sorted((e.time_range.start, e.time_range.end) for e in events
-                  if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+    busy = sorted((e.time_range.start, e.time_range.end) for e in device_kernel_events(events))
     phases = sorted((e.time_range.start, e.time_range.end, e.name.removeprefix(STEP_PHASE)) for e in events
                     if e.device_type == DeviceType.CPU and e.name.startswith(STEP_PHASE))
     phase_starts = [start for start, _, _ in phases]
@@ -222,8 +224,7 @@ def idle_time_by_phase(events, steps: int) -> dict[str, float]:
             phase = phases[i][2] if i >= 0 and phases[i][1] >= start else "between steps"
             idle[phase] = idle.get(phase, 0.0) + (start - busy_until) / 1000 / steps
         busy_until = max(busy_until, end)
-    summary = dict(sorted(idle.items(), key=lambda item: -item[1]))
-    return summary | {"total": sum(idle.values())} if idle else {}
+    return largest_first_with_total(idle) if idle else {}
 
 
 def host_syncs(step: Callable[[], None], name: str) -> int:
@@ -267,10 +268,14 @@ def warnings_by_caller(run: Callable[[], None], skip: tuple[str, ...] = ("/torch
 def device_kernels(events) -> list[tuple[str, float]]:
     """(kernel name, device microseconds) of a profile's device kernels; the compiled graphs' ranges on the device
     timeline ("## Call CompiledFxGraph") are annotations, not kernels."""
+    return [(event.name, event.self_device_time_total) for event in device_kernel_events(events)]
+
+
+def device_kernel_events(events) -> list:
+    """The profile's events that are device work (kernels, copies), not annotations on the device timeline."""
     from torch.autograd import DeviceType
 
-    return [(event.name, event.self_device_time_total) for event in events
-            if event.device_type == DeviceType.CUDA and not event.is_user_annotation]
+    return [event for event in events if event.device_type == DeviceType.CUDA and not event.is_user_annotation]
 
 
 def transpose_sources(events, steps: int) -> list[dict]:

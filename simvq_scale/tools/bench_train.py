@@ -12,12 +12,14 @@ harness feeds them), so the figure is the step, not the loader; `--data real` fe
 through the real loader instead (its wait is then part of the step). The first `--warmup` steps (compile,
 cuDNN autotuning) are excluded; the timed steps run back to back and are measured between two device
 synchronizations. Printed: a table and one JSON line per variant with samples_per_s (audio: seconds of
-audio per second as well), step_ms, peak_mem_gib (max allocated over the variant), model_tflops_per_gpu
+audio per second as well), step_ms, host_issue_ms (the host's time to issue a step: well below step_ms, the
+device sets the pace), peak_mem_gib (max allocated over the variant), model_tflops_per_gpu
 and mfu by the trainer's FLOP count, compile_s (the warm-up steps' time above the steady step time),
 first_step_s, and the default/baseline ratio; with --profile also the device kernel time per step by kind
 (convolutions, layout transposes, compiled fused kernels, search, optimizer, copies) and the device's idle
 time per step by the phase of train_step the host was in when the GPU resumed (the profiler slows the host,
-so these idle figures run higher than in the timed steps: read them as where, not how much), and with --find-syncs
+so these idle figures run higher than in the timed steps: read them as where, not how much), the host's time
+per step in each phase, and the host's Python functions by their own time (cProfile, DIR/NAME.host.txt); with --find-syncs
 the host syncs of one step by caller (GPU only). The default variant
 is the config as given; each --baseline NAME:KEY=VALUE,KEY=VALUE adds a variant (e.g. today's eager
 path). Runs on one process (world size 1; plain python, no launcher); CPU works for a smoke test.
@@ -99,6 +101,7 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
     start = time.perf_counter()
     for i in range(args.steps):
         trainer.train_step(batch(i))
+    issued = time.perf_counter() - start  # the host's time to issue the steps (it waits only on a full launch queue)
     synchronize(device)
     elapsed = time.perf_counter() - start
     # tokens the fused search had to re-scan in full fp32 (its exactness fallback): a cost that depends on the data
@@ -108,7 +111,7 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
           + (" (the fp32 re-scan is part of the step time: with synthetic input, compare with --data real)"
              if fallbacks > 0.01 * tokens else ""), flush=True)
     # a few more steps under the profiler, after (and apart from) the timed ones
-    kernel_ms, idle_ms = profile_steps(trainer, batch, name, args, device) if args.profile else ({}, {})
+    kernel_ms, idle_ms, host_ms = profile_steps(trainer, batch, name, args, device) if args.profile else ({}, {}, {})
     find_syncs = args.find_syncs and device.type == "cuda"
     syncs = host_syncs(lambda: trainer.train_step(batch(0)), name) if find_syncs else None
     step_s = elapsed / args.steps
@@ -125,6 +128,7 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
         "precision": "bf16" if trainer.bf16 else "fp32", "compile": trainer.compiled,
         "samples_per_s": samples / step_s, "units_per_s": samples * unit / step_s,
         "unit": trainer.modality.sample_noun, "step_ms": 1000 * step_s,
+        "host_issue_ms": 1000 * issued / args.steps,  # well below step_ms: the device sets the pace
         "peak_mem_gib": max_memory_gib(device), "model_tflops_per_gpu": tflops,
         "mfu": tflops * 1e12 / peak if peak else None,
         "first_step_s": warmup_times[0] if warmup_times else None,
@@ -133,6 +137,7 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
         "steps": args.steps, "warmup": args.warmup, "data": args.data,
         "kernel_ms_per_step": kernel_ms,  # by kind, from --profile (empty without it, or on a CPU)
         "device_idle_ms_per_step": idle_ms,  # by the step phase the host was in, from --profile (likewise)
+        "host_ms_per_step": host_ms,  # the host's time in each step phase, under the profiler, from --profile
         "host_syncs_per_step": syncs,  # from --find-syncs (None without it, or on a CPU)
         "search_fallbacks_per_step": fallbacks, "tokens_per_step": tokens,
     }
@@ -171,9 +176,15 @@ def largest_first_with_total(ms_by_key: dict[str, float]) -> dict[str, float]:
     return dict(sorted(ms_by_key.items(), key=lambda item: -item[1])) | {"total": sum(ms_by_key.values())}
 
 
-def profile_steps(trainer, batch, name: str, args, device: torch.device) -> tuple[dict, dict]:
+def profile_steps(trainer, batch, name: str, args, device: torch.device) -> tuple[dict, dict, dict]:
     """Profile --profile-steps more steps: the op table to DIR/NAME.txt; returns device kernel time per step by
-    kind and device idle time per step by step phase (both empty on a CPU, which runs no kernels)."""
+    kind, device idle time per step by step phase (both empty on a CPU, which runs no kernels) and the host's
+    time per step in each phase. Then as many steps again under cProfile: the host's Python functions by their
+    own time to DIR/NAME.host.txt (what to cut when the host, not the device, sets the step time)."""
+    import cProfile
+    import io
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -187,21 +198,48 @@ def profile_steps(trainer, batch, name: str, args, device: torch.device) -> tupl
     kernels = device_kernels(events)
     by_kind = kernel_time_by_kind(kernels, args.profile_steps) if kernels else {}
     idle = idle_time_by_phase(events, args.profile_steps)
+    host = host_time_by_phase(events, args.profile_steps)
     summary = "\n".join(f"  {kind:<24} {ms:8.2f} ms/step" for kind, ms in by_kind.items())
     if idle:
         summary += "\ndevice idle, by the step phase the host was in when the GPU resumed:\n" + "\n".join(
             f"  {phase:<24} {ms:8.2f} ms/step" for phase, ms in idle.items())
+    summary += "\nhost time, by step phase (under the profiler):\n" + "\n".join(
+        f"  {phase:<24} {ms:8.2f} ms/step" for phase, ms in host.items())
     transposes = format_transpose_sources(transpose_sources(events, args.profile_steps))
     folder = Path(args.profile)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.txt").write_text(table + ("\n\ndevice kernels by kind:\n" + summary if summary else "")
+    (folder / f"{name}.txt").write_text(table + "\n\ndevice kernels by kind:\n" + summary
                                         + ("\n\n" + transposes if transposes else ""))
     print(f"[{name}] profile of {args.profile_steps} steps ({folder / name}.txt):\n{table}", flush=True)
-    if summary:
-        print(f"[{name}] device kernels by kind:\n{summary}", flush=True)
+    print(f"[{name}] device kernels by kind:\n{summary}", flush=True)
     if transposes:
         print(f"[{name}] {transposes}", flush=True)
-    return by_kind, idle
+    python_profile = cProfile.Profile()
+    with python_profile:
+        for i in range(args.profile_steps):
+            trainer.train_step(batch(i))
+        synchronize(device)
+    text = io.StringIO()
+    pstats.Stats(python_profile, stream=text).sort_stats("tottime").print_stats(args.profile_rows)
+    (folder / f"{name}.host.txt").write_text(text.getvalue())
+    print(f"[{name}] the host's Python functions by own time, {args.profile_steps} steps under cProfile: "
+          f"{folder / name}.host.txt", flush=True)
+    return by_kind, idle, host
+
+
+def host_time_by_phase(events, steps: int) -> dict[str, float]:
+    """Milliseconds per step the host spent in each phase of Trainer.train_step (its STEP_PHASE profiler
+    ranges), with a total: a total near the step time says the host, not the device, sets the pace."""
+    from torch.autograd import DeviceType
+
+    from simvq_scale.train.trainer import STEP_PHASE
+
+    host: dict[str, float] = {}
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name.startswith(STEP_PHASE):
+            phase = e.name.removeprefix(STEP_PHASE)
+            host[phase] = host.get(phase, 0.0) + (e.time_range.end - e.time_range.start) / 1000 / steps
+    return largest_first_with_total(host) if host else {}
 
 
 def idle_time_by_phase(events, steps: int) -> dict[str, float]:
@@ -229,13 +267,24 @@ def idle_time_by_phase(events, steps: int) -> dict[str, float]:
 
 def host_syncs(step: Callable[[], None], name: str) -> int:
     """Run `step` once with CUDA's sync debug mode on and count the ops that made the host wait for the device
-    (a .item(), a tensor's truth value, a copy to the host), by the innermost frame outside torch that called
-    them; print them and return the total. Each one drains the launch queue: the host can no longer run ahead
-    of the device, and every host-bound stretch after it shows as device idle time."""
+    (a .item(), a tensor's truth value, a copy to the host) and the explicit torch.cuda.synchronize calls, which
+    the debug mode does not report (DeepSpeed's throughput timer made 5 per image step), by the innermost frame
+    outside torch (and DeepSpeed's accelerator wrapper) that called them; print them and return the total. Each
+    one drains the launch queue: the host can no longer run ahead of the device, and every host-bound stretch
+    after it shows as device idle time."""
+    synchronize = torch.cuda.synchronize
+
+    def announced_synchronize(*args, **kwargs):
+        warnings.warn("torch.cuda.synchronize")
+        return synchronize(*args, **kwargs)
+
     torch.cuda.set_sync_debug_mode("warn")
+    torch.cuda.synchronize = announced_synchronize
     try:
-        sites = warnings_by_caller(step)
+        sites = warnings_by_caller(step, skip=("/torch/", "/warnings.py", " in announced_synchronize",
+                                               "/accelerator/"))
     finally:
+        torch.cuda.synchronize = synchronize
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     lines = "\n".join(f"  {count:4d}  {site}" for site, count in sites.most_common())

@@ -8,8 +8,8 @@ fp32, only the activations of autocast-eligible ops are bf16. DeepSpeed's own bf
 every buffer to bf16, and the frozen codebook must stay fp32 for an exact search.
 
 Host syncs: DeepSpeed's ZeRO-1/2 step reads the gradient norm back to the host 3-5 times per step (its
-non-finite checks; `bench_train --find-syncs`), and its ZeRO-0 clipping twice per step (host-made scalar
-tensors). Each drains the launch queue, so every host-bound stretch after it (the optimizer, the next
+non-finite checks; `bench_train --find-syncs`), its ZeRO-0 clipping twice per step (host-made scalar
+tensors), and its throughput timer synchronizes the whole device at every engine forward and step (off). Each drains the launch queue, so every host-bound stretch after it (the optimizer, the next
 network's launches) leaves the device idle. A ZeRO-0 engine therefore leaves clipping to `OptimizerStep`,
 which clips on the device; it skips a step of non-finite losses or gradients inside the fused AdamW kernel.
 """
@@ -50,6 +50,9 @@ def deepspeed_config(cfg: Config, micro_batch: int, accumulation: int, zero_stag
         "zero_allow_untested_optimizer": True,  # the client AdamW: no FusedAdam compile
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronizes the device at each engine forward and step (5 waits per
+        # image step; the GPU idled 7 ms of a 91 ms step on an H200), and the trainer measures its own speed
+        "timers": {"throughput": {"enabled": False}},
     }
     if bf16:
         # no module is "lower precision safe": DeepSpeed would then reduce those gradients in bf16

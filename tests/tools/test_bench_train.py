@@ -99,6 +99,21 @@ def test_device_idle_is_charged_to_the_phase_the_host_was_in_when_the_gpu_resume
     assert bench_train.idle_time_by_phase([timed("kernel", 0, 5, gpu)], steps=1) == {}
 
 
+def test_host_time_is_the_phases_own_duration_per_step():
+    from torch.autograd import DeviceType
+
+    from simvq_scale.train.trainer import STEP_PHASE
+
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [timed(f"{STEP_PHASE}G backward", 0, 3000, cpu), timed(f"{STEP_PHASE}G backward", 5000, 6000, cpu),
+              timed(f"{STEP_PHASE}metrics", 3000, 3500, cpu),
+              timed("aten::mm", 10, 2000, cpu),  # an op inside a phase is not a phase
+              timed(f"{STEP_PHASE}G backward", 0, 9000, gpu)]  # the range mirrored on the device timeline
+    host = bench_train.host_time_by_phase(events, steps=2)
+    assert host == pytest.approx({"G backward": 2.0, "metrics": 0.25, "total": 2.25})
+    assert list(host) == ["G backward", "metrics", "total"]
+
+
 @pytest.mark.slow
 def test_the_real_tool_times_a_default_and_a_baseline_on_a_cpu(demo_data, tmp_path):
     jsonl = tmp_path / "bench.jsonl"
@@ -117,11 +132,16 @@ def test_the_real_tool_times_a_default_and_a_baseline_on_a_cpu(demo_data, tmp_pa
         assert row["samples_per_s"] > 0 and row["step_ms"] > 0 and row["batch"] == 2
         assert row["device"] == "cpu" and row["mfu"] is None and row["kernel_ms_per_step"] == {}
         assert row["device_idle_ms_per_step"] == {}
+        assert 0 < row["host_issue_ms"] <= row["step_ms"]
+        host = row["host_ms_per_step"]  # measured on the host: present on a CPU too
+        assert host["G forward and loss"] > 0 and host["D optimizer step"] > 0
+        assert host["total"] == pytest.approx(sum(v for k, v in host.items() if k != "total"))
         # the torch search on a CPU never falls back; 2 images of 16 x 16 tokens (32 px, one downsampling)
         assert row["search_fallbacks_per_step"] == 0 and row["tokens_per_step"] == 2 * 16 * 16
     table = (tmp_path / "profile" / "default.txt").read_text()
     # the step's phases are profiler ranges (what the device's idle time is charged to on a GPU)
     assert "step: G forward and loss" in table and "step: D optimizer step" in table, table
+    assert "train_step" in (tmp_path / "profile" / "default.host.txt").read_text()  # cProfile's function table
     assert "default" in done.stdout and "vq" in done.stdout.splitlines()[-2]
 
 
@@ -141,3 +161,17 @@ def test_warnings_by_caller_counts_each_site_by_its_innermost_frame_outside_the_
     (site, count), = sites.items()
     assert count == 2 and site.endswith(" in _warn_twice") and "test_bench_train.py:" in site
     assert bench_train.warnings_by_caller(lambda: None) == {}
+
+
+def _wait_for_the_device_twice():
+    import torch
+
+    torch.cuda.synchronize()  # explicit: CUDA's sync debug mode does not report it
+    torch.ones(1, device="cuda").item()  # implicit: a copy to the host
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_find_syncs_counts_explicit_and_implicit_waits_by_caller(capsys):
+    assert bench_train.host_syncs(_wait_for_the_device_twice, "probe") == 2
+    assert capsys.readouterr().out.count("in _wait_for_the_device_twice") == 2

@@ -95,6 +95,31 @@ def test_resume_on_a_gpu_forgets_the_restored_usage_window(demo_data, tmp_path):
     assert all(0 < r["codebook/utilization"] <= 1 for r in rows)
 
 
+def device_waits_worker(rank, world_size, overrides):
+    from deepspeed.accelerator import get_accelerator
+
+    trainer = make_trainer(overrides)
+    x = first_batch(trainer)
+    for _ in range(3):  # DeepSpeed's throughput timer starts synchronizing at its engine's step 2
+        trainer.train_step(x)
+    accelerator = get_accelerator()
+    calls = []
+    plain = accelerator.synchronize
+    accelerator.synchronize = lambda *args, **kwargs: (calls.append(args), plain(*args, **kwargs))[1]
+    try:
+        trainer.train_step(x)
+    finally:
+        accelerator.synchronize = plain
+    return len(calls)
+
+
+def test_a_training_step_never_waits_for_the_whole_device(demo_data, tmp_path):
+    """A device-wide synchronize inside the step drains the launch queue: the GPU idles while the host issues
+    the next work (DeepSpeed's throughput timer did so at every engine forward and step)."""
+    overrides = tiny_overrides(demo_data, tmp_path / "run", "train.global_batch=2")
+    assert run_distributed(device_waits_worker, 1, overrides, timeout_s=300) == [0]
+
+
 def nan_worker(rank, world_size, overrides):
     trainer = make_trainer(overrides)
     x = first_batch(trainer)

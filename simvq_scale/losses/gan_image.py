@@ -23,7 +23,8 @@ class ImageGANObjective(nn.Module):
         self.perceptual = PerceptualLoss(cfg.perceptual_weights) if cfg.perceptual_weight > 0 else None
 
     def networks(self) -> dict[str, nn.Module]:
-        """The objective's own networks worth compiling with the models (LPIPS)."""
+        """The objective's own networks, each called as net(x, x_hat): compiled with the models and counted in
+        the model FLOPs (LPIPS)."""
         return {} if self.perceptual is None else {"perceptual": self.perceptual}
 
     def generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, quant: QuantizerOutput,

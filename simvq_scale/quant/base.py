@@ -47,6 +47,11 @@ class Quantizer(nn.Module, abc.ABC):
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """The codes of `indices`, equal to what forward returned as z_q for them."""
 
+    def search_flops_per_token(self) -> float:
+        """FLOPs of comparing one token with every code, counted in the trainer's MFU: the distance products of a
+        nearest-code search in `dim` (SimVQ, LC, VQ, VQ-EMA); kinds that compare elsewhere or not at all say so."""
+        return 2.0 * self.codebook_size * self.dim
+
     def projection_weight(self) -> torch.Tensor | None:
         """The learned linear map of a reparameterised codebook (SimVQ's W), whose spectrum is monitored;
         None for quantizers without one."""

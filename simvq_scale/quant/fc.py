@@ -44,6 +44,9 @@ class FactorizedVQ(Quantizer):
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.up(self.low_codes(indices))
 
+    def search_flops_per_token(self) -> float:
+        return 2.0 * self.codebook_size * self.fc_dim  # the search runs in the low dimension
+
 
 @register_quantizer("fc")
 def build(cfg: QuantizerConfig) -> FactorizedVQ:

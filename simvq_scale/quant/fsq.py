@@ -34,6 +34,9 @@ class FSQ(Quantizer):
         self.down = nn.Linear(dim, len(levels))
         self.up = nn.Linear(len(levels), dim)
 
+    def search_flops_per_token(self) -> float:
+        return 0.0  # codes are rounded, not searched
+
     def bound(self, x: torch.Tensor) -> torch.Tensor:
         """Squash to (-L/2, L/2) for odd L, (-L/2, L/2 - 1) for even L (L integers after rounding)."""
         half_l = (self.levels - 1) * (1 + BOUND_EPS) / 2

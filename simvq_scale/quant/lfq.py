@@ -60,6 +60,10 @@ class LFQ(Quantizer):
         bits_set = (indices.unsqueeze(-1) // self.bit_values) % 2
         return bits_set.float() * 2 - 1
 
+    def search_flops_per_token(self) -> float:
+        # codes are signs, not searched; the exact batch entropy compares each token with every code
+        return 2.0 * self.codebook_size * self.bits if self.bits <= EXACT_ENTROPY_MAX_BITS else 0.0
+
     def entropies(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean per-sample entropy, entropy of the batch-averaged code distribution), in nats."""
         p_plus = torch.sigmoid(4 * x / self.temperature)

@@ -14,23 +14,31 @@ PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12}
 
 
 @torch.no_grad()
-def count_per_sample(generator: nn.Module, discriminator: nn.Module, sample_shape: tuple[int, ...]
-                     ) -> tuple[int, float]:
-    """(tokens per sample, model FLOPs per training sample).
+def count_per_sample(generator: nn.Module, discriminator: nn.Module, sample_shape: tuple[int, ...],
+                     loss_networks: list[nn.Module] = ()) -> tuple[int, float]:
+    """(tokens per sample, model FLOPs per training sample): every product the step computes for a sample.
 
-    A training sample costs forward + backward (3x forward) of the encoder and decoder, and of D once in
-    the G step (its backward reaches the input only, counted as a full one) and twice in the D step
-    (real, fake): 3 G + 9 D forwards. The search and LPIPS are not counted.
+    Forward + backward (3x forward) of the encoder and decoder; D once in the G step (its backward reaches
+    the input only, counted as a full one) and twice in the D step (real, fake): 3 G + 9 D forwards. Each of
+    the objective's `loss_networks` (LPIPS), called as net(x, x_hat), runs forward on both and backward to
+    x_hat alone: 1.5 such calls. The quantizer compares each token with every code (its
+    search_flops_per_token). Not counted: the search's fp32 re-checks, which depend on the data, and the
+    codebook's projection C W (once per step, not per sample).
     """
-    encoder, decoder, disc = (copy.deepcopy(m).to("meta") for m in
-                              (generator.encoder, generator.decoder, discriminator))
+    encoder, decoder, disc, *losses = (copy.deepcopy(m).to("meta") for m in
+                                       (generator.encoder, generator.decoder, discriminator, *loss_networks))
     x = torch.empty(1, *sample_shape, device="meta")
     with FlopCounterMode(display=False) as generator_flops:
         z = encoder(x)
         x_hat = decoder(z)
     with FlopCounterMode(display=False) as disc_flops:
         disc(x_hat)
-    return math.prod(z.shape[2:]), 3.0 * generator_flops.get_total_flops() + 9.0 * disc_flops.get_total_flops()
+    with FlopCounterMode(display=False) as loss_flops:
+        for net in losses:
+            net(x, x_hat)
+    tokens = math.prod(z.shape[2:])
+    return tokens, (3.0 * generator_flops.get_total_flops() + 9.0 * disc_flops.get_total_flops()
+                    + 1.5 * loss_flops.get_total_flops() + tokens * generator.quantizer.search_flops_per_token())
 
 
 def peak_flops(device: torch.device) -> float | None:

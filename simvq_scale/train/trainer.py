@@ -78,7 +78,7 @@ class Trainer:
         self.objective = self.modality.build_objective(cfg).to(device)
         self.sample_shape = self.modality.sample_shape(cfg.data)
         self.tokens_per_sample, self.flops_per_sample = flops.count_per_sample(
-            self.generator, self.discriminator, self.sample_shape)
+            self.generator, self.discriminator, self.sample_shape, list(self.objective.networks().values()))
         networks = {"generator": self.generator, "discriminator": self.discriminator}
         self.run_dir = RunDir(cfg, self.checkpointer) if open_run_dir else None
         if self.run_dir is not None:

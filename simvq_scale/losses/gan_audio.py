@@ -16,7 +16,7 @@ from torch import nn
 
 from simvq_scale.config import LossConfig
 from simvq_scale.losses.adversarial import hinge_d_loss
-from simvq_scale.losses.audio import LogMelSpectrogram, feature_matching_loss, hinge_generator_loss, mel_loss
+from simvq_scale.losses.audio import LogMelSpectrogram, hinge_generator_loss, mel_loss
 from simvq_scale.quant.base import QuantizerOutput
 
 
@@ -27,7 +27,7 @@ class AudioGANObjective(nn.Module):
         self.log_mel = LogMelSpectrogram(sample_rate, cfg.mel_n_fft, cfg.mel_hop, cfg.mel_n_mels)
 
     def networks(self) -> dict[str, nn.Module]:
-        """The objective's own networks worth compiling with the models: none (the mel loss is FFTs)."""
+        """The objective's own networks (as gan_image's): none, the mel loss is FFTs."""
         return {}
 
     def generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, quant: QuantizerOutput,
@@ -39,13 +39,11 @@ class AudioGANObjective(nn.Module):
         g_adv = mel.new_zeros(())
         matching = mel.new_zeros(())
         if discriminator is not None:  # switched on from loss.disc_start
-            both = discriminator(torch.cat([x, x_hat]))  # one forward, per-sample sub-discriminators
-            for logits, features in both.values():
-                fake_logits = [l.chunk(2)[1] for l in logits]
-                real_features = [[f.chunk(2)[0] for f in maps] for maps in features]
-                fake_features = [[f.chunk(2)[1] for f in maps] for maps in features]
-                g_adv = g_adv + hinge_generator_loss(fake_logits)
-                matching = matching + feature_matching_loss(real_features, fake_features)
+            # one forward, per-sample sub-discriminators; the feature matching is computed inside D
+            both = discriminator(torch.cat([x, x_hat]), match_halves=True)
+            for logits, group_matching in both.values():
+                g_adv = g_adv + hinge_generator_loss([l.chunk(2)[1] for l in logits])
+                matching = matching + group_matching
             total = total + cfg.adv_weight * (g_adv + cfg.feature_matching_weight * matching)
         parts = {"loss/total_g": total, "loss/mel": mel, "loss/feature_matching": matching,
                  "loss/g_adv": g_adv, "loss/commit": quant.loss}

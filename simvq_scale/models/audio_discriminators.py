@@ -14,12 +14,14 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from simvq_scale.config import AudioModelConfig
+from simvq_scale.losses.audio import feature_matching_loss
 from simvq_scale.models.audio import autocast_off
 
 LRELU_SLOPE = 0.1
 
-# (logits of each sub-discriminator, feature maps of each sub-discriminator)
-DiscriminatorOutput = tuple[list[torch.Tensor], list[list[torch.Tensor]]]
+# (logits of each sub-discriminator, feature maps of each sub-discriminator or, with match_halves, the group's
+# feature-matching loss)
+DiscriminatorOutput = tuple[list[torch.Tensor], list[list[torch.Tensor]] | torch.Tensor]
 
 
 class PeriodDiscriminator(nn.Module):
@@ -88,7 +90,8 @@ class ResolutionDiscriminator(nn.Module):
 
 class AudioDiscriminator(nn.Module):
     """MPD + MRD in one module: forward(wave (B, T)) -> {"mpd": outputs, "mrd": outputs}, each the list
-    of its sub-discriminators' logits and the list of their feature-map lists."""
+    of its sub-discriminators' logits and the list of their feature-map lists; forward(wave, match_halves=True)
+    for the generator's step, each group's feature-matching loss in place of its maps."""
 
     def __init__(self, periods: list[int], mpd_channels: list[int], resolutions: list[list[int]],
                  mrd_channels: int = 64):
@@ -106,14 +109,21 @@ class AudioDiscriminator(nn.Module):
     def spectrograms(self, wave: torch.Tensor) -> list[torch.Tensor]:
         return [d.spectrogram(wave) for d in self.mrd]
 
-    def forward(self, wave: torch.Tensor) -> dict[str, DiscriminatorOutput]:
+    def forward(self, wave: torch.Tensor, match_halves: bool = False) -> dict[str, DiscriminatorOutput]:
+        """match_halves: `wave` is [real; fake] and each group's feature maps are replaced by the feature-matching
+        loss between its halves (real detached), computed here: inside the compiled graph the maps keep one
+        layout, where as the graph's outputs their NCHW gradients came back and were copied to channels-last."""
         if wave.dim() != 2:
             raise ValueError(f"the audio discriminator takes (batch, samples) waveforms, got {tuple(wave.shape)}")
         spectrograms = self.spectrograms(wave)
         groups = {}
         for name, outputs in (("mpd", [d(wave) for d in self.mpd]),
                               ("mrd", [d(spec) for d, spec in zip(self.mrd, spectrograms)])):
-            groups[name] = ([logits for logits, _ in outputs], [features for _, features in outputs])
+            features = [maps for _, maps in outputs]
+            if match_halves:
+                features = feature_matching_loss([[f.chunk(2)[0] for f in maps] for maps in features],
+                                                 [[f.chunk(2)[1] for f in maps] for maps in features])
+            groups[name] = ([logits for logits, _ in outputs], features)
         return groups
 
 

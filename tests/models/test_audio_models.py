@@ -163,6 +163,29 @@ def test_compiled_discriminator_is_one_graph_per_gradient_mode():
     torch._dynamo.reset()
 
 
+def test_feature_matching_inside_d_is_the_loss_of_its_maps_with_the_same_gradient():
+    """The generator step's D computes feature matching itself (its maps never leave the compiled graph): the
+    same loss, and the same gradient to the fake half, as matching the maps it returns."""
+    disc = build_audio_discriminator(tiny_cfg().model.audio)
+    real = speech_like(2, 2400)
+    fakes = [speech_like(2, 2400, seed=1).requires_grad_(True) for _ in range(2)]
+    inside = disc(torch.cat([real, fakes[0]]), match_halves=True)
+    outside = disc(torch.cat([real, fakes[1]]))
+    losses = []
+    for group in ("mpd", "mrd"):
+        maps = outside[group][1]
+        expected = feature_matching_loss([[f.chunk(2)[0] for f in m] for m in maps],
+                                         [[f.chunk(2)[1] for f in m] for m in maps])
+        assert inside[group][1].item() == pytest.approx(expected.item(), rel=1e-6) and expected.item() > 0
+        for a, b in zip(inside[group][0], outside[group][0]):
+            assert torch.equal(a, b)
+        losses.append((inside[group][1], expected))
+    sum(loss for loss, _ in losses).backward()
+    sum(loss for _, loss in losses).backward()
+    torch.testing.assert_close(fakes[0].grad, fakes[1].grad)
+    assert fakes[0].grad.abs().sum() > 0
+
+
 def test_mpd_mrd_shapes_and_feature_maps():
     cfg = load_config(ROOT / "configs" / "audio_262k.yaml")
     disc = build_audio_discriminator(cfg.model.audio)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+import simvq_scale
 from simvq_scale import distributed
 from simvq_scale.config import CONFIG_HELP, ConfigError, load_config
 from simvq_scale.train.logging import Ticker
@@ -134,6 +135,9 @@ def run_variant(name: str, config: str, overrides: list[str], args, device: torc
         "first_step_s": warmup_times[0] if warmup_times else None,
         "compile_s": sum(t - step_s for t in warmup_times) if warmup_times else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        # the simvq_scale that ran: tools/bench_train.py puts its own checkout first on sys.path, so comparing
+        # another version means running that version's tools/bench_train.py (or its module from elsewhere)
+        "package": str(Path(simvq_scale.__file__).parent),
         "steps": args.steps, "warmup": args.warmup, "data": args.data,
         "kernel_ms_per_step": kernel_ms,  # by kind, from --profile (empty without it, or on a CPU)
         "device_idle_ms_per_step": idle_ms,  # by the step phase the host was in, from --profile (likewise)

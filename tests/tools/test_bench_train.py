@@ -133,6 +133,7 @@ def test_the_real_tool_times_a_default_and_a_baseline_on_a_cpu(demo_data, tmp_pa
         assert row["device"] == "cpu" and row["mfu"] is None and row["kernel_ms_per_step"] == {}
         assert row["device_idle_ms_per_step"] == {}
         assert 0 < row["host_issue_ms"] <= row["step_ms"]
+        assert Path(row["package"]) == ROOT / "simvq_scale"  # the checkout's own code ran, whatever PYTHONPATH says
         host = row["host_ms_per_step"]  # measured on the host: present on a CPU too
         assert host["G forward and loss"] > 0 and host["D optimizer step"] > 0
         assert host["total"] == pytest.approx(sum(v for k, v in host.items() if k != "total"))

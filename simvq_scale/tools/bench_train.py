@@ -19,10 +19,10 @@ first_step_s, and the default/baseline ratio; with --profile also the device ker
 (convolutions, layout transposes, compiled fused kernels, search, optimizer, copies) and the device's idle
 time per step by the phase of train_step the host was in when the GPU resumed (the profiler slows the host,
 so these idle figures run higher than in the timed steps: read them as where, not how much), the host's time
-per step in each phase, and the host's Python functions by their own time (cProfile, DIR/NAME.host.txt); with --find-syncs
-the host syncs of one step by caller (GPU only). The default variant
-is the config as given; each --baseline NAME:KEY=VALUE,KEY=VALUE adds a variant (e.g. today's eager
-path). Runs on one process (world size 1; plain python, no launcher); CPU works for a smoke test.
+per step in each phase, and the host's Python functions by their own time (cProfile, DIR/NAME.host.txt);
+with --find-syncs the host syncs of one step by caller, explicit synchronize calls included (GPU only).
+The default variant is the config as given; each --baseline NAME:KEY=VALUE,KEY=VALUE adds a variant (e.g.
+today's eager path). Runs on one process (world size 1; plain python, no launcher); CPU works for a smoke test.
 """
 
 from __future__ import annotations

@@ -231,18 +231,22 @@ def profile_steps(trainer, batch, name: str, args, device: torch.device) -> tupl
     return by_kind, idle, host
 
 
-def host_time_by_phase(events, steps: int) -> dict[str, float]:
-    """Milliseconds per step the host spent in each phase of Trainer.train_step (its STEP_PHASE profiler
-    ranges), with a total: a total near the step time says the host, not the device, sets the pace."""
+def step_phases(events) -> list[tuple[float, float, str]]:
+    """(start, end, phase) of the host's Trainer.train_step phases (its STEP_PHASE profiler ranges), by start."""
     from torch.autograd import DeviceType
 
     from simvq_scale.train.trainer import STEP_PHASE
 
+    return sorted((e.time_range.start, e.time_range.end, e.name.removeprefix(STEP_PHASE)) for e in events
+                  if e.device_type == DeviceType.CPU and e.name.startswith(STEP_PHASE))
+
+
+def host_time_by_phase(events, steps: int) -> dict[str, float]:
+    """Milliseconds per step the host spent in each phase of Trainer.train_step, with a total: a total near the
+    step time says the host, not the device, sets the pace."""
     host: dict[str, float] = {}
-    for e in events:
-        if e.device_type == DeviceType.CPU and e.name.startswith(STEP_PHASE):
-            phase = e.name.removeprefix(STEP_PHASE)
-            host[phase] = host.get(phase, 0.0) + (e.time_range.end - e.time_range.start) / 1000 / steps
+    for start, end, phase in step_phases(events):
+        host[phase] = host.get(phase, 0.0) + (end - start) / 1000 / steps
     return largest_first_with_total(host) if host else {}
 
 
@@ -250,13 +254,8 @@ def idle_time_by_phase(events, steps: int) -> dict[str, float]:
     """Milliseconds per step the device sat idle, by the phase of Trainer.train_step (its STEP_PHASE profiler
     ranges) the host was in when the next kernel started: the host work the GPU waited for. A gap that ends
     outside every phase is "between steps" (the benchmark's loop). Kernels of all streams count as busy."""
-    from torch.autograd import DeviceType
-
-    from simvq_scale.train.trainer import STEP_PHASE
-
     busy = sorted((e.time_range.start, e.time_range.end) for e in device_kernel_events(events))
-    phases = sorted((e.time_range.start, e.time_range.end, e.name.removeprefix(STEP_PHASE)) for e in events
-                    if e.device_type == DeviceType.CPU and e.name.startswith(STEP_PHASE))
+    phases = step_phases(events)
     phase_starts = [start for start, _, _ in phases]
     idle: dict[str, float] = {}
     busy_until = busy[0][1] if busy else 0.0

@@ -45,9 +45,8 @@ class ImageGANObjective(nn.Module):
         return total, {k: v.detach().float() for k, v in parts.items()}
 
     def discriminator_loss(self, discriminator: nn.Module, x: torch.Tensor, x_hat: torch.Tensor):
-        # one D forward on real and fake together: the PatchGAN is per-sample (GroupNorm), so this is
-        # the same function as two calls, with half the kernel launches
-        logits_real, logits_fake = discriminator(torch.cat([x, x_hat.detach()])).float().chunk(2)
+        # one D call on real and fake, normalised apart by a BatchNorm D (the PatchGAN's forward says why one call)
+        logits_real, logits_fake = discriminator(torch.cat([x, x_hat.detach()]), batches=2).float().chunk(2)
         loss = hinge_d_loss(logits_real, logits_fake)
         return loss, {"loss/d": loss.detach(), "disc/logits_real": logits_real.detach().mean(),
                       "disc/logits_fake": logits_fake.detach().mean()}

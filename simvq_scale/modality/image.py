@@ -17,6 +17,7 @@ class ImageModality(Modality):
 
     def check_config(self, cfg):
         from simvq_scale.data.decode import RESAMPLING
+        from simvq_scale.models.discriminators import DISCRIMINATOR_NORMS
         from simvq_scale.models.norms import NORM_GROUPS
 
         m, d, size = cfg.model.image, cfg.model.discriminator, cfg.data.image_size
@@ -36,10 +37,12 @@ class ImageModality(Modality):
                 f"(2^(len(model.image.channel_mult) - 1) for channel_mult={m.channel_mult})")
         require(d.layers >= 1 and d.channels > 0,
                 f"model.discriminator.layers={d.layers} must be >= 1 and channels={d.channels} > 0")
+        require(d.norm in DISCRIMINATOR_NORMS,
+                f"model.discriminator.norm={d.norm!r} is not one of {'|'.join(DISCRIMINATOR_NORMS)}")
         widths = sorted({d.channels * min(2**n, 8) for n in range(1, d.layers + 1)})
-        require(all(w % NORM_GROUPS == 0 for w in widths),
+        require(d.norm != "group" or all(w % NORM_GROUPS == 0 for w in widths),
                 f"model.discriminator.channels={d.channels} makes normalised widths {widths} (channels * "
-                f"min(2^n, 8)); GroupNorm needs multiples of {NORM_GROUPS}")
+                f"min(2^n, 8)); model.discriminator.norm=group needs multiples of {NORM_GROUPS}")
         side = size
         for _ in range(d.layers):
             side //= 2  # a 4x4 stride-2 conv with padding 1
@@ -75,7 +78,7 @@ class ImageModality(Modality):
         from simvq_scale.models.discriminators import PatchGANDiscriminator
 
         d = cfg.model.discriminator
-        return PatchGANDiscriminator(RGB, d.channels, d.layers)
+        return PatchGANDiscriminator(RGB, d.channels, d.layers, d.norm)
 
     def build_objective(self, cfg):
         from simvq_scale.losses.gan_image import ImageGANObjective

@@ -1,20 +1,25 @@
 """Discriminators for the adversarial loss. Image: taming's PatchGAN (NLayerDiscriminator).
 
-Normalisation: taming uses BatchNorm2d. We use GroupNorm(32) in its place, because
-  * D is called on real and fake batches separately, so BatchNorm normalises each with its own
-    batch statistics (a shortcut D can exploit) and its output depends on the micro-batch size,
-    i.e. on world size and gradient accumulation, while the loss should not;
-  * BatchNorm's running statistics are buffers that neither DeepSpeed ZeRO nor DDP keep in sync
-    across ranks (each rank drifts; only rank 0's are checkpointed), and SyncBatchNorm would add
-    a collective to every D forward;
-GroupNorm is per-sample, so D is the same function on every rank for any batch split.
+Normalisation (model.discriminator.norm):
+  * batch (the default): taming's BatchNorm2d, the reference's D. Real and fake batches are normalised
+    apart, each with its own statistics, as the reference calls its D on each. Beside the reference this
+    D keeps our early codebook course level with its course, where the GroupNorm D fell behind (README,
+    "Against the reference"). Its statistics are always the batch's (track_running_stats=False): in
+    training that is taming's function exactly, and it leaves no running buffers to drift between ranks,
+    to checkpoint, or to update in place inside a CUDA graph. D(x) depends on the rest of its micro-batch,
+    so on the micro-batch size (world size, gradient accumulation), as the reference's does under DDP.
+  * group: GroupNorm(32), per-sample, so D is the same function on every rank for any batch split, and
+    real and fake go through in one pass.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from simvq_scale.models.norms import group_norm
+
+DISCRIMINATOR_NORMS = ("batch", "group")
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -23,22 +28,26 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, 0.0, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.GroupNorm):
+    elif isinstance(module, (nn.GroupNorm, nn.BatchNorm2d)):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
 
 
 class PatchGANDiscriminator(nn.Module):
     """(B, in_channels, H, W) -> (B, 1, h, w) patch logits: `layers` stride-2 4x4 convs
-    (filters channels * min(2^n, 8)), one stride-1 conv, then a 1-channel 4x4 conv."""
+    (filters channels * min(2^n, 8)), one stride-1 conv, then a 1-channel 4x4 conv; each conv between
+    the first and the last is normalised by `norm` (batch | group, the module's docstring)."""
 
-    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3, norm: str = "batch"):
         super().__init__()
         if layers < 1 or channels <= 0:
             raise ValueError(f"PatchGAN layers={layers} must be >= 1 and channels={channels} > 0")
+        if norm not in DISCRIMINATOR_NORMS:
+            raise ValueError(f"PatchGAN norm={norm!r} is not one of {'|'.join(DISCRIMINATOR_NORMS)}")
+        self.per_sample = norm == "group"
         widths = [channels * min(2 ** n, 8) for n in range(layers + 1)]
         norms = [group_norm(w, f"model.discriminator.channels={channels} (times min(2^n, 8))", eps=1e-5)
-                 for w in widths[1:]]
+                 if self.per_sample else nn.BatchNorm2d(w, track_running_stats=False) for w in widths[1:]]
         blocks: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         for n in range(1, layers + 1):
             stride = 2 if n < layers else 1
@@ -48,6 +57,13 @@ class PatchGANDiscriminator(nn.Module):
         self.main = nn.Sequential(*blocks)
         self.apply(_init_weights)
 
-    def forward(self, x):
-        return self.main(x)
-
+    def forward(self, x: torch.Tensor, batches: int = 1) -> torch.Tensor:
+        """The patch logits of x, which holds `batches` equal batches one after another (real, then fake). A
+        BatchNorm D normalises each by its own statistics, as the reference calls its D on each apart; a
+        per-sample D is the same function either way and takes them in one pass. One call with one input either
+        way: under CUDA graphs the caller's torch.cat copies the fake batch out of the decoder's graph output
+        before D's graph runs (D called on the decoder's output itself, after the generator's backward, read
+        it after the next graph had overwritten it)."""
+        if batches == 1 or self.per_sample:
+            return self.main(x)
+        return torch.cat([self.main(part) for part in x.chunk(batches)])

@@ -104,19 +104,55 @@ def test_patchgan_shape_and_config():
     assert widths == [32, 64, 128, 1]
 
 
-def test_patchgan_is_per_sample_so_batch_split_does_not_matter():
-    # why GroupNorm and not taming's BatchNorm: D(x) must not depend on the rest of the micro-batch
+def test_group_norm_patchgan_is_per_sample_and_takes_real_and_fake_in_one_call():
+    # norm=group: D(x) does not depend on the rest of the micro-batch, so one call on real and fake is two calls
     torch.manual_seed(0)
-    disc = PatchGANDiscriminator(channels=32, layers=2).train()
+    disc = PatchGANDiscriminator(channels=32, layers=2, norm="group").train()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         together = disc(x)
         apart = torch.cat([disc(x[:1]), disc(x[1:])])
+        real, fake = disc(torch.cat([x, x]), batches=2).chunk(2)
     torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(real, together, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fake, together, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_patchgan_normalises_real_and_fake_apart_with_batch_statistics():
+    # norm=batch (the reference's D): each batch by its own statistics, in training and in eval alike
+    torch.manual_seed(0)
+    disc = PatchGANDiscriminator(channels=32, layers=2)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in disc.modules()) == 2
+    assert not list(disc.buffers())  # no running statistics to drift between ranks or checkpoint
+    x, y = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32) * 3 + 1
+    with torch.no_grad():
+        joint = disc(torch.cat([x, y]))
+        real, fake = disc(torch.cat([x, y]), batches=2).chunk(2)
+        torch.testing.assert_close(real, disc(x))
+        torch.testing.assert_close(fake, disc.eval()(y))
+    assert not torch.allclose(torch.cat([real, fake]), joint, atol=1e-3)  # one call would mix their statistics
+    # taming's weights_init: the norms' scales N(1, 0.02), shifts 0
+    scales = torch.cat([m.weight for m in disc.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+    assert abs(scales.mean().item() - 1.0) < 0.01 and 0.005 < scales.std().item() < 0.04
 
 
 def test_unknown_modality_is_named_and_bad_widths_refused():
     with pytest.raises(ValueError, match="data.modality='video'"):
         get_modality("video")
     with pytest.raises(ValueError, match="channels=40"):
-        PatchGANDiscriminator(channels=40)
+        PatchGANDiscriminator(channels=40, norm="group")
+    with pytest.raises(ValueError, match=r"norm='layer' is not one of batch\|group"):
+        PatchGANDiscriminator(norm="layer")
+
+
+@pytest.mark.slow
+def test_compiled_batch_norm_patchgan_takes_real_and_fake_in_one_call():
+    # the trainer compiles D: one compiled call on the concatenation (the D step's only call) is the eager function
+    torch.manual_seed(0)
+    disc = PatchGANDiscriminator(channels=32, layers=2)
+    compiled = torch.compile(disc)
+    both = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(both, batches=2), torch.cat([disc(both[:4]), disc(both[4:])]),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compiled(both[:4]), disc(both[:4]), rtol=1e-4, atol=1e-4)

@@ -3,8 +3,8 @@
 Normalisation (model.discriminator.norm):
   * batch (the default): taming's BatchNorm2d, the reference's D. Real and fake batches are normalised
     apart, each with its own statistics, as the reference calls its D on each. Beside the reference this
-    D keeps our early codebook course level with its course, where the GroupNorm D fell behind (README,
-    "Against the reference"). Its statistics are always the batch's (track_running_stats=False): in
+    D closed most of the gap in early codebook use that the GroupNorm D had opened (README, "Against the
+    reference"). Its statistics are always the batch's (track_running_stats=False): in
     training that is taming's function exactly, and it leaves no running buffers to drift between ranks,
     to checkpoint, or to update in place inside a CUDA graph. D(x) depends on the rest of its micro-batch,
     so on the micro-batch size (world size, gradient accumulation), as the reference's does under DDP.
@@ -60,10 +60,10 @@ class PatchGANDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor, batches: int = 1) -> torch.Tensor:
         """The patch logits of x, which holds `batches` equal batches one after another (real, then fake). A
         BatchNorm D normalises each by its own statistics, as the reference calls its D on each apart; a
-        per-sample D is the same function either way and takes them in one pass. One call with one input either
-        way: under CUDA graphs the caller's torch.cat copies the fake batch out of the decoder's graph output
-        before D's graph runs (D called on the decoder's output itself, after the generator's backward, read
-        it after the next graph had overwritten it)."""
+        per-sample D is the same function either way and takes them in one pass. One input, so that under CUDA
+        graphs the caller's torch.cat copies the fake batch out of the decoder's graph output before D's graph
+        runs: a version that passed the decoder's output itself failed on the H200 ("accessing tensor output of
+        CUDAGraphs that has been overwritten by a subsequent run")."""
         if batches == 1 or self.per_sample:
             return self.main(x)
         return torch.cat([self.main(part) for part in x.chunk(batches)])
